@@ -1,0 +1,17 @@
+"""Storage for fieldsync: one small async contract and its backends."""
+
+from __future__ import annotations
+
+from .base import StorageError, StorageUnavailable, Store
+from .types import RecordKey
+
+__all__ = ["RecordKey", "StorageError", "StorageUnavailable", "Store", "open_store"]
+
+
+def open_store(db: str) -> Store:
+    """The Store for a `--db` value: a PostgreSQL URL or a SQLite file path."""
+    if db.startswith(("postgres://", "postgresql://")):
+        raise StorageError("the PostgreSQL backend is not available in this version yet")
+    from .sqlite import SQLiteStore
+
+    return SQLiteStore(db)

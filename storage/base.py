@@ -1,0 +1,107 @@
+"""The Store contract: the one seam between the sync server and a database.
+
+A Store keeps bytes and JSON text; it never decodes an update and knows no domain.
+Both backends pass the same contract suite (tests/test_storage_contract.py).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Mapping
+
+from .types import (
+    IdempotencyRow,
+    LogEntry,
+    NodeId,
+    NodeInfo,
+    Position,
+    RecordKey,
+    RecordRow,
+    StoredRecord,
+    WriteBatch,
+)
+
+
+class StorageError(Exception):
+    """Base class of storage failures."""
+
+
+class StorageUnavailable(StorageError):
+    """The database could not commit or read; nothing of the failed operation is durable."""
+
+
+class Store(abc.ABC):
+    """Async storage for records, the change log, idempotency keys and client-id claims."""
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect, check durability settings, and migrate the schema."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Flush queued commits and disconnect."""
+
+    @abc.abstractmethod
+    async def register_node(self, node_id: NodeId | None, client_id: int) -> NodeInfo:
+        """Register this process's node (or reuse the stored one) and return its identity.
+
+        `node_id=None` reuses the node this database already knows as local, or creates one.
+        `client_id` is only used when the node is new; a known node keeps its client id.
+        """
+
+    @abc.abstractmethod
+    async def server_client_ids(self) -> frozenset[int]:
+        """The Yjs client ids that belong to nodes (no device may write under them)."""
+
+    @abc.abstractmethod
+    async def commit(self, batch: WriteBatch) -> list[Position]:
+        """Make the batch durable atomically; returns the log positions of its entries in order.
+
+        Returns only after the commit is durable. Raises StorageUnavailable if it is not;
+        then nothing of the batch, nor of any batch queued behind it, was written.
+        """
+
+    @abc.abstractmethod
+    async def load_records(self, keys: Iterable[RecordKey]) -> dict[RecordKey, StoredRecord]:
+        """The stored rows and unfolded log tails of the given records; missing ones are absent."""
+
+    @abc.abstractmethod
+    async def get_record(self, key: RecordKey) -> RecordRow | None:
+        """One record row, without its log."""
+
+    @abc.abstractmethod
+    async def read_log(
+        self,
+        tenant: str,
+        domain: str,
+        after: Mapping[NodeId, int],
+        limit: int,
+        bus: frozenset[str] | None = None,
+    ) -> tuple[list[LogEntry], bool]:
+        """Up to `limit` entries past `after` (per node), in the tenant/domain and bus given.
+
+        `bus=None` means every bu of the tenant. Each node's entries come in seq order.
+        Returns the entries and whether more remain past them.
+        """
+
+    @abc.abstractmethod
+    async def record_log(self, key: RecordKey) -> list[LogEntry]:
+        """Every log entry of one record, in log order (for inspection and decision history)."""
+
+    @abc.abstractmethod
+    async def get_idempotency(
+        self, tenant: str, user: str, key: str, now: float
+    ) -> IdempotencyRow | None:
+        """The stored answer for an idempotency key, unless it expired."""
+
+    @abc.abstractmethod
+    async def client_owner(self, tenant: str, client_id: int) -> str | None:
+        """The device that owns a Yjs client id in the tenant, if any."""
+
+    @abc.abstractmethod
+    async def records_to_compact(self, min_tail: int, limit: int) -> list[RecordKey]:
+        """Records with at least `min_tail` unfolded log entries."""
+
+    async def prune(self, now: float) -> None:
+        """Drop idempotency keys that expired before `now`."""
+        await self.commit(WriteBatch(expire_before=now))

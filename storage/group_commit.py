@@ -1,0 +1,113 @@
+"""One writer task that commits many concurrent batches in a single transaction.
+
+Concurrent requests each call `submit(batch)`; the writer takes everything queued,
+writes it in one database transaction, and resolves every caller only once that
+transaction is durable. A failed transaction fails its whole group and everything
+queued behind it: those batches were merged on top of state that never became durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from .base import StorageUnavailable
+from .types import Position, WriteBatch
+
+log = logging.getLogger(__name__)
+
+WriteGroup = Callable[[Sequence[WriteBatch]], Awaitable[list[list[Position]]]]
+
+
+@dataclass(frozen=True, slots=True)
+class GroupPolicy:
+    max_batches: int = 512
+    max_entries: int = 20_000
+
+
+class GroupCommitter:
+    def __init__(self, write_group: WriteGroup, policy: GroupPolicy = GroupPolicy()) -> None:
+        self._write_group = write_group
+        self._policy = policy
+        self._queue: asyncio.Queue[tuple[WriteBatch, asyncio.Future[list[Position]]]] = (
+            asyncio.Queue()
+        )
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.groups_committed = 0
+        self.batches_committed = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="fieldsync-group-commit")
+
+    async def submit(self, batch: WriteBatch) -> list[Position]:
+        if self._closed or self._task is None:
+            raise StorageUnavailable("the store is closed")
+        fut: asyncio.Future[list[Position]] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((batch, fut))
+        return await asyncio.shield(fut)
+
+    async def close(self) -> None:
+        """Commit what is queued, then stop the writer."""
+        self._closed = True
+        if self._task is None:
+            return
+        await self._queue.join()
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            group = [await self._queue.get()]
+            group.extend(self._drain(len(group[0][0].entries)))
+            try:
+                await self._commit(group)
+            finally:
+                for _ in group:
+                    self._queue.task_done()
+
+    def _drain(self, entries: int) -> list[tuple[WriteBatch, asyncio.Future[list[Position]]]]:
+        taken = []
+        policy = self._policy
+        while not self._queue.empty() and len(taken) + 1 < policy.max_batches:
+            if entries >= policy.max_entries:
+                break
+            item = self._queue.get_nowait()
+            entries += len(item[0].entries)
+            taken.append(item)
+        return taken
+
+    async def _commit(
+        self, group: list[tuple[WriteBatch, asyncio.Future[list[Position]]]]
+    ) -> None:
+        try:
+            positions = await self._write_group([batch for batch, _ in group])
+        except Exception as exc:  # any database failure: nobody in the group is acknowledged
+            log.error("group commit of %d batches failed: %s", len(group), exc)
+            failure = StorageUnavailable(f"commit failed: {exc}")
+            for _, fut in group:
+                _fail(fut, failure)
+            self._fail_queued(failure)
+            return
+        self.groups_committed += 1
+        self.batches_committed += len(group)
+        for (_, fut), pos in zip(group, positions):
+            if not fut.done():
+                fut.set_result(pos)
+
+    def _fail_queued(self, failure: StorageUnavailable) -> None:
+        while not self._queue.empty():
+            _, fut = self._queue.get_nowait()
+            self._queue.task_done()
+            _fail(fut, failure)
+
+
+def _fail(fut: asyncio.Future[list[Position]], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

@@ -1,0 +1,450 @@
+"""The embedded default Store: one SQLite file in WAL mode with synchronous=FULL.
+
+All writes go through one connection driven by the group committer (BEGIN IMMEDIATE
+... COMMIT per group); reads run on a separate connection beside it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from .base import StorageError, StorageUnavailable, Store
+from .group_commit import GroupCommitter, GroupPolicy
+from .sqlite_schema import MIGRATIONS, SCHEMA_VERSION
+from .types import (
+    IdempotencyRow,
+    LogEntry,
+    NodeId,
+    NodeInfo,
+    Position,
+    RecordKey,
+    RecordRow,
+    Seq,
+    StoredRecord,
+    WriteBatch,
+)
+
+QUARANTINE_KEEP = 10_000
+_LOG_COLUMNS = (
+    "node_id, seq, tenant, domain, record_id, bu, update_bytes, version,"
+    " origin, actor, device, decisions, received_at"
+)
+_RECORD_COLUMNS = (
+    "tenant, domain, record_id, bu, snapshot, state_vector, materialized, version,"
+    " created_at, updated_at"
+)
+
+
+class SQLiteStore(Store):
+    def __init__(self, path: str | Path, policy: GroupPolicy = GroupPolicy()) -> None:
+        self.path = Path(path)
+        self._policy = policy
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._committer: GroupCommitter | None = None
+        self._node: NodeId | None = None
+        self._next_seq = 1
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = await self._connect()
+        await self._check_durability(self._writer)
+        await self._migrate(self._writer)
+        self._reader = await self._connect()
+        await self._reader.execute("PRAGMA query_only = ON")
+        self._committer = GroupCommitter(self._write_group, self._policy)
+        self._committer.start()
+
+    async def close(self) -> None:
+        if self._committer is not None:
+            await self._committer.close()
+            self._committer = None
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                await conn.close()
+        self._reader = self._writer = None
+
+    async def _connect(self) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        await conn.execute("PRAGMA busy_timeout = 10000")
+        await conn.execute("PRAGMA journal_mode = WAL")
+        await conn.execute("PRAGMA synchronous = FULL")
+        return conn
+
+    @staticmethod
+    async def _check_durability(conn: aiosqlite.Connection) -> None:
+        mode = await _scalar(conn, "PRAGMA journal_mode")
+        sync = await _scalar(conn, "PRAGMA synchronous")
+        if str(mode).lower() != "wal" or sync != 2:
+            raise StorageError(
+                f"SQLite refused durable settings (journal_mode={mode}, synchronous={sync});"
+                " fieldsync needs WAL with synchronous=FULL"
+            )
+
+    @staticmethod
+    async def _migrate(conn: aiosqlite.Connection) -> None:
+        current = int(await _scalar(conn, "PRAGMA user_version"))
+        if current > SCHEMA_VERSION:
+            raise StorageError(
+                f"database schema {current} is newer than this fieldsync ({SCHEMA_VERSION})"
+            )
+        for version in range(current, SCHEMA_VERSION):
+            await conn.execute("BEGIN IMMEDIATE")
+            for statement in _statements(MIGRATIONS[version]):
+                await conn.execute(statement)
+            await conn.execute(f"PRAGMA user_version = {version + 1}")
+            await conn.execute("COMMIT")
+
+    # -- nodes -------------------------------------------------------------
+
+    async def register_node(self, node_id: NodeId | None, client_id: int) -> NodeInfo:
+        conn = self._conn(self._writer)
+        if node_id is None:
+            stored = await _scalar(conn, "SELECT value FROM meta WHERE name = 'local_node'")
+            node_id = NodeId(str(stored) if stored is not None else f"n-{uuid.uuid4().hex[:12]}")
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            await conn.execute(
+                "INSERT OR IGNORE INTO nodes (node_id, client_id, created_at) VALUES (?, ?, ?)",
+                (node_id, client_id, time.time()),
+            )
+            await conn.execute(
+                "INSERT OR REPLACE INTO meta (name, value) VALUES ('local_node', ?)", (node_id,)
+            )
+            await conn.execute("COMMIT")
+        except BaseException:
+            await conn.execute("ROLLBACK")
+            raise
+        stored_client = await _scalar(
+            conn, "SELECT client_id FROM nodes WHERE node_id = ?", (node_id,)
+        )
+        max_seq = await _scalar(conn, "SELECT MAX(seq) FROM log WHERE node_id = ?", (node_id,))
+        self._node = node_id
+        self._next_seq = int(max_seq or 0) + 1
+        return NodeInfo(node_id, int(stored_client))
+
+    async def server_client_ids(self) -> frozenset[int]:
+        rows = await self._read("SELECT client_id FROM nodes")
+        return frozenset(int(r[0]) for r in rows)
+
+    # -- writes ------------------------------------------------------------
+
+    async def commit(self, batch: WriteBatch) -> list[Position]:
+        if self._committer is None:
+            raise StorageUnavailable("the store is not open")
+        if batch.entries and self._node is None:
+            raise StorageError("register_node() must run before entries are appended")
+        return await self._committer.submit(batch)
+
+    async def _write_group(self, batches: Sequence[WriteBatch]) -> list[list[Position]]:
+        conn = self._conn(self._writer)
+        now = time.time()
+        first_seq = self._next_seq
+        positions, log_rows = self._number_entries(batches, now)
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            await self._write_rows(conn, batches, log_rows, now)
+            await conn.execute("COMMIT")
+        except BaseException:
+            self._next_seq = first_seq
+            await _rollback(conn)
+            raise
+        return positions
+
+    def _number_entries(
+        self, batches: Sequence[WriteBatch], now: float
+    ) -> tuple[list[list[Position]], list[tuple[Any, ...]]]:
+        node = self._node
+        positions: list[list[Position]] = []
+        rows: list[tuple[Any, ...]] = []
+        for batch in batches:
+            mine = []
+            for entry in batch.entries:
+                assert node is not None
+                seq = Seq(self._next_seq)
+                self._next_seq += 1
+                mine.append(Position(node, seq))
+                k = entry.key
+                rows.append(
+                    (node, seq, k.tenant, k.domain, k.record_id, entry.bu, entry.update,
+                     entry.version, entry.origin, entry.actor, entry.device, entry.decisions, now)
+                )
+            positions.append(mine)
+        return positions, rows
+
+    async def _write_rows(
+        self,
+        conn: aiosqlite.Connection,
+        batches: Sequence[WriteBatch],
+        log_rows: list[tuple[Any, ...]],
+        now: float,
+    ) -> None:
+        if log_rows:
+            await conn.executemany(
+                f"INSERT INTO log ({_LOG_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", log_rows
+            )
+        records = [
+            (r.key.tenant, r.key.domain, r.key.record_id, r.bu, r.state_vector, r.materialized,
+             r.version, now, now)
+            for b in batches for r in b.records
+        ]
+        if records:
+            await conn.executemany(_UPSERT_RECORD, records)
+        claims = [(c.tenant, c.client_id, c.device, now) for b in batches for c in b.claims]
+        if claims:
+            await conn.executemany(
+                "INSERT OR IGNORE INTO client_ids (tenant, client_id, device, claimed_at)"
+                " VALUES (?,?,?,?)",
+                claims,
+            )
+        idem = [
+            (i.tenant, i.user, i.key, i.request_hash, i.response, i.expires_at)
+            for b in batches if (i := b.idempotency) is not None
+        ]
+        if idem:
+            await conn.executemany(
+                "INSERT OR REPLACE INTO idempotency"
+                " (tenant, user_id, key, request_hash, response, expires_at)"
+                " VALUES (?,?,?,?,?,?)",
+                idem,
+            )
+        for expiry in {b.expire_before for b in batches if b.expire_before is not None}:
+            await conn.execute("DELETE FROM idempotency WHERE expires_at <= ?", (expiry,))
+        await self._write_folds(conn, batches)
+        await self._write_quarantine(conn, batches, now)
+
+    @staticmethod
+    async def _write_folds(conn: aiosqlite.Connection, batches: Sequence[WriteBatch]) -> None:
+        folds = [f for b in batches for f in b.folds]
+        if not folds:
+            return
+        await conn.executemany(
+            "UPDATE records SET snapshot = ? WHERE tenant = ? AND domain = ? AND record_id = ?",
+            [(f.snapshot, f.key.tenant, f.key.domain, f.key.record_id) for f in folds],
+        )
+        await conn.executemany(
+            "UPDATE log SET folded = 1 WHERE node_id = ? AND seq = ?",
+            [(p.node_id, p.seq) for f in folds for p in f.through],
+        )
+
+    @staticmethod
+    async def _write_quarantine(
+        conn: aiosqlite.Connection, batches: Sequence[WriteBatch], now: float
+    ) -> None:
+        items = [q for b in batches for q in b.quarantine]
+        if not items:
+            return
+        await conn.executemany(
+            "INSERT INTO quarantine"
+            " (tenant, domain, record_id, actor, device, reason, update_bytes, received_at)"
+            " VALUES (?,?,?,?,?,?,?,?)",
+            [(q.key.tenant, q.key.domain, q.key.record_id, q.actor, q.device, q.reason,
+              q.update, now) for q in items],
+        )
+        await conn.execute(
+            "DELETE FROM quarantine WHERE id <= (SELECT MAX(id) FROM quarantine) - ?",
+            (QUARANTINE_KEEP,),
+        )
+
+    # -- reads -------------------------------------------------------------
+
+    async def load_records(self, keys: Iterable[RecordKey]) -> dict[RecordKey, StoredRecord]:
+        by_scope: dict[tuple[str, str], list[str]] = {}
+        for k in keys:
+            by_scope.setdefault((k.tenant, k.domain), []).append(k.record_id)
+        found: dict[RecordKey, StoredRecord] = {}
+        for (tenant, domain), ids in by_scope.items():
+            for chunk in _chunks(sorted(set(ids)), 500):
+                found.update(await self._load_chunk(tenant, domain, chunk))
+        return found
+
+    async def _load_chunk(
+        self, tenant: str, domain: str, ids: list[str]
+    ) -> dict[RecordKey, StoredRecord]:
+        marks = ",".join("?" * len(ids))
+        rows = await self._read(
+            f"SELECT {_RECORD_COLUMNS} FROM records"
+            f" WHERE tenant = ? AND domain = ? AND record_id IN ({marks})",
+            (tenant, domain, *ids),
+        )
+        if not rows:
+            return {}
+        tails: dict[str, list[LogEntry]] = {}
+        for r in await self._read(
+            f"SELECT {_LOG_COLUMNS} FROM log WHERE tenant = ? AND domain = ?"
+            f" AND record_id IN ({marks}) AND folded = 0 ORDER BY node_id, seq",
+            (tenant, domain, *ids),
+        ):
+            entry = _log_entry(r)
+            tails.setdefault(entry.key.record_id, []).append(entry)
+        out = {}
+        for r in rows:
+            row = _record_row(r)
+            out[row.key] = StoredRecord(row, tuple(tails.get(row.key.record_id, ())))
+        return out
+
+    async def get_record(self, key: RecordKey) -> RecordRow | None:
+        rows = await self._read(
+            f"SELECT {_RECORD_COLUMNS} FROM records"
+            " WHERE tenant = ? AND domain = ? AND record_id = ?",
+            tuple(key),
+        )
+        return _record_row(rows[0]) if rows else None
+
+    async def read_log(
+        self,
+        tenant: str,
+        domain: str,
+        after: Mapping[NodeId, int],
+        limit: int,
+        bus: frozenset[str] | None = None,
+    ) -> tuple[list[LogEntry], bool]:
+        nodes = sorted(str(r[0]) for r in await self._read("SELECT node_id FROM nodes"))
+        bu_sql, bu_args = _bu_filter(bus)
+        entries: list[LogEntry] = []
+        for node in nodes:
+            room = limit - len(entries)
+            rows = await self._read(
+                f"SELECT {_LOG_COLUMNS} FROM log WHERE tenant = ? AND domain = ?"
+                f" AND node_id = ? AND seq > ?{bu_sql} ORDER BY seq LIMIT ?",
+                (tenant, domain, node, int(after.get(NodeId(node), 0)), *bu_args, room + 1),
+            )
+            entries.extend(_log_entry(r) for r in rows[:room])
+            if len(rows) > room:
+                return entries, True
+        return entries, False
+
+    async def record_log(self, key: RecordKey) -> list[LogEntry]:
+        rows = await self._read(
+            f"SELECT {_LOG_COLUMNS} FROM log WHERE tenant = ? AND domain = ? AND record_id = ?"
+            " ORDER BY received_at, node_id, seq",
+            tuple(key),
+        )
+        return [_log_entry(r) for r in rows]
+
+    async def get_idempotency(
+        self, tenant: str, user: str, key: str, now: float
+    ) -> IdempotencyRow | None:
+        rows = await self._read(
+            "SELECT request_hash, response, expires_at FROM idempotency"
+            " WHERE tenant = ? AND user_id = ? AND key = ? AND expires_at > ?",
+            (tenant, user, key, now),
+        )
+        return IdempotencyRow(str(rows[0][0]), bytes(rows[0][1]), float(rows[0][2])) if rows else None
+
+    async def client_owner(self, tenant: str, client_id: int) -> str | None:
+        rows = await self._read(
+            "SELECT device FROM client_ids WHERE tenant = ? AND client_id = ?",
+            (tenant, client_id),
+        )
+        return str(rows[0][0]) if rows else None
+
+    async def records_to_compact(self, min_tail: int, limit: int) -> list[RecordKey]:
+        rows = await self._read(
+            "SELECT tenant, domain, record_id FROM log WHERE folded = 0"
+            " GROUP BY tenant, domain, record_id HAVING COUNT(*) >= ? LIMIT ?",
+            (min_tail, limit),
+        )
+        return [RecordKey(str(t), str(d), str(r)) for t, d, r in rows]
+
+    async def quarantined(self, tenant: str) -> list[tuple[str, str, str, bytes]]:
+        """(domain, record_id, reason, update) of quarantined updates, oldest first."""
+        rows = await self._read(
+            "SELECT domain, record_id, reason, update_bytes FROM quarantine"
+            " WHERE tenant = ? ORDER BY id",
+            (tenant,),
+        )
+        return [(str(d), str(r), str(w), bytes(u)) for d, r, w, u in rows]
+
+    # -- helpers -----------------------------------------------------------
+
+    async def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        conn = self._conn(self._reader)
+        try:
+            async with conn.execute(sql, args) as cur:
+                return list(await cur.fetchall())
+        except aiosqlite.OperationalError as exc:
+            raise StorageUnavailable(f"read failed: {exc}") from exc
+
+    @staticmethod
+    def _conn(conn: aiosqlite.Connection | None) -> aiosqlite.Connection:
+        if conn is None:
+            raise StorageUnavailable("the store is not open")
+        return conn
+
+
+_UPSERT_RECORD = """
+INSERT INTO records (tenant, domain, record_id, bu, state_vector, materialized, version,
+                     created_at, updated_at)
+VALUES (?,?,?,?,?,?,?,?,?)
+ON CONFLICT (tenant, domain, record_id) DO UPDATE SET
+    state_vector = excluded.state_vector,
+    materialized = excluded.materialized,
+    version = excluded.version,
+    updated_at = excluded.updated_at
+"""
+
+
+def _statements(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _bu_filter(bus: frozenset[str] | None) -> tuple[str, tuple[str, ...]]:
+    if bus is None:
+        return "", ()
+    ordered = tuple(sorted(bus))
+    return f" AND bu IN ({','.join('?' * len(ordered))})", ordered
+
+
+async def _scalar(conn: aiosqlite.Connection, sql: str, args: tuple[Any, ...] = ()) -> Any:
+    async with conn.execute(sql, args) as cur:
+        row = await cur.fetchone()
+    return row[0] if row else None
+
+
+async def _rollback(conn: aiosqlite.Connection) -> None:
+    try:
+        await conn.execute("ROLLBACK")
+    except aiosqlite.Error:
+        pass
+
+
+def _log_entry(r: Any) -> LogEntry:
+    return LogEntry(
+        position=Position(NodeId(r[0]), Seq(r[1])),
+        key=RecordKey(r[2], r[3], r[4]),
+        bu=r[5],
+        update=bytes(r[6]),
+        version=int(r[7]),
+        origin=r[8],
+        actor=r[9],
+        device=r[10],
+        decisions=r[11],
+        received_at=float(r[12]),
+    )
+
+
+def _record_row(r: Any) -> RecordRow:
+    return RecordRow(
+        key=RecordKey(r[0], r[1], r[2]),
+        bu=r[3],
+        snapshot=bytes(r[4]) if r[4] is not None else None,
+        state_vector=bytes(r[5]),
+        materialized=r[6],
+        version=int(r[7]),
+        created_at=float(r[8]),
+        updated_at=float(r[9]),
+    )
