@@ -6,6 +6,7 @@ All writes go through one connection driven by the group committer (BEGIN IMMEDI
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -38,6 +39,10 @@ _LOG_COLUMNS = (
 _RECORD_COLUMNS = (
     "tenant, domain, record_id, bu, snapshot, state_vector, materialized, version,"
     " created_at, updated_at"
+)
+_JOINED_COLUMNS = ", ".join(
+    [f"r.{c.strip()}" for c in _RECORD_COLUMNS.split(",")]
+    + [f"l.{c.strip()}" for c in _LOG_COLUMNS.split(",")]
 )
 
 
@@ -269,26 +274,24 @@ class SQLiteStore(Store):
     async def _load_chunk(
         self, tenant: str, domain: str, ids: list[str]
     ) -> dict[RecordKey, StoredRecord]:
+        # One statement, so the row and its unfolded tail come from one consistent read
+        # even while a compaction folds entries into the snapshot.
         marks = ",".join("?" * len(ids))
         rows = await self._read(
-            f"SELECT {_RECORD_COLUMNS} FROM records"
-            f" WHERE tenant = ? AND domain = ? AND record_id IN ({marks})",
+            f"SELECT {_JOINED_COLUMNS} FROM records r LEFT JOIN log l"
+            " ON l.tenant = r.tenant AND l.domain = r.domain AND l.record_id = r.record_id"
+            " AND l.folded = 0"
+            f" WHERE r.tenant = ? AND r.domain = ? AND r.record_id IN ({marks})"
+            " ORDER BY r.record_id, l.node_id, l.seq",
             (tenant, domain, *ids),
         )
-        if not rows:
-            return {}
-        tails: dict[str, list[LogEntry]] = {}
-        for r in await self._read(
-            f"SELECT {_LOG_COLUMNS} FROM log WHERE tenant = ? AND domain = ?"
-            f" AND record_id IN ({marks}) AND folded = 0 ORDER BY node_id, seq",
-            (tenant, domain, *ids),
-        ):
-            entry = _log_entry(r)
-            tails.setdefault(entry.key.record_id, []).append(entry)
-        out = {}
-        for r in rows:
-            row = _record_row(r)
-            out[row.key] = StoredRecord(row, tuple(tails.get(row.key.record_id, ())))
+        out: dict[RecordKey, StoredRecord] = {}
+        width = len(_RECORD_COLUMNS.split(","))
+        for record_id, group in itertools.groupby(rows, key=lambda r: r[2]):
+            group = list(group)
+            row = _record_row(group[0][:width])
+            tail = tuple(_log_entry(r[width:]) for r in group if r[width] is not None)
+            out[row.key] = StoredRecord(row, tail)
         return out
 
     async def get_record(self, key: RecordKey) -> RecordRow | None:

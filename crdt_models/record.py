@@ -1,0 +1,142 @@
+"""Reading a record's Yjs doc into a plain, safe state, and back out as JSON.
+
+Docs hold untrusted device data. A value may be a shared type nested tens of
+thousands of levels deep; pycrdt's recursive ``to_py()``/``str()`` overflow the
+native stack on such values and kill the process. So the ``fields`` map is read
+key by key, and anything that is not a scalar becomes a ``NonScalar`` marker
+that is never descended into.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, TypeAlias
+
+from pycrdt import Array, Doc, Map, Text, XmlElement, XmlFragment, XmlText
+
+from crdt_models.schema import DomainModel
+
+FIELDS_ROOT = "fields"
+HISTORY_ROOT = "history"
+
+RecordDoc: TypeAlias = Doc[Any]
+"""A record's Yjs doc (pycrdt parametrizes Doc by its root types; records mix several)."""
+
+#: Largest integer a JS number (a float64) holds exactly.
+MAX_SAFE_INTEGER = 2**53
+
+_KINDS: tuple[tuple[type, str], ...] = (
+    (Map, "map"),
+    (Array, "array"),
+    (Text, "text"),
+    (XmlFragment, "xml"),
+    (XmlElement, "xml"),
+    (XmlText, "xml"),
+    (Doc, "doc"),
+    (dict, "json-map"),
+    (list, "json-array"),
+    (bytes, "bytes"),
+    (bytearray, "bytes"),
+)
+
+
+@dataclass(frozen=True)
+class NonScalar:
+    """Stands for a value records must not hold (a nested type, bytes…); its content is never read."""
+
+    kind: str
+
+    def __str__(self) -> str:
+        return f"<{self.kind}>"
+
+
+HistoryEntry = Mapping[str, object] | NonScalar
+
+
+@dataclass(frozen=True)
+class RecordState:
+    """A record's content as the constraints see it: scalars and NonScalar markers.
+
+    ``has_history`` says the model keeps a ``history`` array, so that
+    ``materialize`` can show an empty history as ``[]`` without the model.
+    """
+
+    fields: Mapping[str, object]
+    history: tuple[HistoryEntry, ...] = ()
+    has_history: bool = False
+
+
+def new_doc(client_id: int | None = None) -> RecordDoc:
+    """An empty record doc; pass the node's ``client_id`` so server edits are attributable."""
+    return Doc() if client_id is None else Doc(client_id=client_id)
+
+
+def read_state(doc: RecordDoc, model: DomainModel) -> RecordState:
+    """Read ``fields`` (and ``history`` if the model has it) without recursing into values."""
+    keeps_history = HISTORY_ROOT in model.arrays
+    with doc.transaction():
+        fields = read_map(doc.get(FIELDS_ROOT, type=Map))
+        history = _read_history(doc.get(HISTORY_ROOT, type=Array)) if keeps_history else ()
+    return RecordState(MappingProxyType(fields), history, keeps_history)
+
+
+def read_map(ymap: Map[object]) -> dict[str, object]:
+    """One level of a map: scalars as they are, anything else as NonScalar."""
+    return {key: scalar_or_marker(ymap[key]) for key in ymap.keys()}
+
+
+def scalar_or_marker(raw: object) -> object:
+    """A scalar unchanged; any container or unknown object as a NonScalar (not inspected)."""
+    if raw is None or isinstance(raw, (str, bool, int, float)):
+        return raw
+    for cls, kind in _KINDS:
+        if isinstance(raw, cls):
+            return NonScalar(kind)
+    return NonScalar(type(raw).__name__.lower())
+
+
+def _read_history(array: Array[object]) -> tuple[HistoryEntry, ...]:
+    return tuple(_history_entry(array[index]) for index in range(len(array)))
+
+
+def _history_entry(raw: object) -> HistoryEntry:
+    """A Y.Map entry, or a plain JSON object entry (``yarray.push([{...}])``), read one level."""
+    if isinstance(raw, Map):
+        return MappingProxyType(read_map(raw))
+    if isinstance(raw, dict):
+        return MappingProxyType({str(k): scalar_or_marker(v) for k, v in raw.items()})
+    marker = scalar_or_marker(raw)
+    return marker if isinstance(marker, NonScalar) else NonScalar(type(raw).__name__.lower())
+
+
+def json_value(value: object) -> object:
+    """A JSON-ready scalar: NonScalar and non-finite numbers become None.
+
+    pycrdt stores Python ints as floats (JS has one number type, and Yjs writes
+    15.0 as the integer 15), so an integral float in the safe range reads as int.
+    """
+    if isinstance(value, NonScalar):
+        return None
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        if value.is_integer() and abs(value) <= MAX_SAFE_INTEGER:
+            return int(value)
+    return value
+
+
+def materialize(state: RecordState) -> dict[str, object]:
+    """``{"fields": {...}}`` plus ``"history": [...]`` for models that keep one."""
+    out: dict[str, object] = {"fields": {k: json_value(v) for k, v in state.fields.items()}}
+    if state.has_history:
+        out["history"] = [_materialize_entry(entry) for entry in state.history]
+    return out
+
+
+def _materialize_entry(entry: HistoryEntry) -> dict[str, object] | None:
+    if isinstance(entry, NonScalar):
+        return None
+    return {key: json_value(value) for key, value in entry.items()}

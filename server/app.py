@@ -1,0 +1,87 @@
+"""The aiohttp application: wiring, lifecycle and routes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from storage import open_store
+from storage.types import NodeId
+
+from . import ops_api, records_api, sync_api
+from .auth import TokenVerifier
+from .compaction import run_periodically
+from .config import Config
+from .gate import UpdateGate
+from .http_errors import json_errors
+from .idempotency import Idempotency
+from .live import LiveRecords
+from .metrics import Metrics
+from .ownership import ClientOwners
+from .pipeline import Pipeline
+from .services import SERVICES, Services
+
+log = logging.getLogger(__name__)
+
+MAX_CLIENT_ID = (1 << 53) - 1
+
+
+def create_app(config: Config) -> web.Application:
+    app = web.Application(
+        middlewares=[json_errors], client_max_size=config.limits.max_body_bytes
+    )
+    app.cleanup_ctx.append(_lifecycle(config))
+    app.add_routes(sync_api.routes)
+    app.add_routes(records_api.routes)
+    app.add_routes(ops_api.routes)
+    return app
+
+
+def _lifecycle(config: Config):  # type: ignore[no-untyped-def]
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        store = open_store(config.db)
+        await store.open()
+        try:
+            node_id = NodeId(config.node_id) if config.node_id else None
+            node = await store.register_node(node_id, secrets.randbelow(MAX_CLIENT_ID) + 1)
+            app[SERVICES] = await _services(config, store, node)
+            log.info("node %s ready on %s", node.node_id, config.db)
+            compactor = asyncio.create_task(
+                run_periodically(store, config.compaction_min_tail, config.compaction_interval_s),
+                name="fieldsync-compaction",
+            )
+            try:
+                yield
+            finally:
+                compactor.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await compactor
+        finally:
+            await store.close()
+
+    return lifecycle
+
+
+async def _services(config: Config, store, node) -> Services:  # type: ignore[no-untyped-def]
+    live = LiveRecords(store, node.client_id, max(config.cache_size, 2 * config.limits.max_items))
+    owners = ClientOwners(store)
+    await owners.load_server_ids()
+    pipeline = Pipeline(store, live, owners, UpdateGate(config.limits), node)
+    verifier = TokenVerifier(
+        config.jwt_public_key or config.jwt_secret, config.jwt_algorithms, config.jwt_leeway_s
+    )
+    return Services(
+        config=config,
+        store=store,
+        node=node,
+        verifier=verifier,
+        live=live,
+        pipeline=pipeline,
+        idempotency=Idempotency(store, config.idempotency_ttl_s),
+        metrics=Metrics(),
+    )

@@ -1,0 +1,170 @@
+"""`fieldsync serve | token | compact | inspect`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import logging
+import os
+import sys
+import uuid
+from collections.abc import Sequence
+
+from aiohttp import web
+from pycrdt import Map
+
+from crdt_models import record as records
+from storage import RecordKey, open_store
+
+from .auth import mint_token, resolve_secret
+from .compaction import compact_due
+from .config import Config
+from .records_api import iso, record_json
+
+DEFAULT_DB = "fieldsync.db"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("FIELDSYNC_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    args.run(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fieldsync", description=__doc__)
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the sync server")
+    _db_arg(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--node-id", default=os.environ.get("FIELDSYNC_NODE_ID"))
+    serve.set_defaults(run=_serve)
+
+    token = sub.add_parser("token", help="print a signed JWT for a user")
+    _db_arg(token)
+    token.add_argument("--tenant", required=True)
+    token.add_argument("--bus", required=True, help="comma-separated bu ids, or '*'")
+    token.add_argument("--user", required=True)
+    token.add_argument("--roles", default="", help="comma-separated roles")
+    token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
+    token.set_defaults(run=_token)
+
+    compact = sub.add_parser("compact", help="fold record logs into snapshots")
+    _db_arg(compact)
+    compact.add_argument("--min-tail", type=int, default=2)
+    compact.set_defaults(run=_compact)
+
+    inspect = sub.add_parser("inspect", help="print a record, its version and its decisions")
+    _db_arg(inspect)
+    inspect.add_argument("domain")
+    inspect.add_argument("record_id")
+    inspect.add_argument("--tenant", required=True)
+    inspect.set_defaults(run=_inspect)
+    return parser
+
+
+def _db_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--db",
+        default=os.environ.get("FIELDSYNC_DB", DEFAULT_DB),
+        help="SQLite file path (default ./fieldsync.db) or postgresql:// URL",
+    )
+
+
+def _split(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _serve(args: argparse.Namespace) -> None:
+    secret, source = resolve_secret(args.db)
+    config = Config(db=args.db, jwt_secret=secret, node_id=args.node_id)
+    from .app import create_app
+
+    app = create_app(config)
+
+    async def banner(_: web.Application) -> None:
+        print(_welcome(args, source), flush=True)
+
+    app.on_startup.append(banner)
+    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
+
+
+def _welcome(args: argparse.Namespace, secret_source: str) -> str:
+    """How to get a token and sync a first record, ready to paste."""
+    record_id = str(uuid.uuid4())
+    doc = records.new_doc()
+    doc.get(records.FIELDS_ROOT, type=Map).update({"jobdesc": "Check fire extinguishers", "priority": "HIGH"})
+    update = base64.b64encode(doc.get_update()).decode()
+    db = f" --db {args.db}" if args.db != DEFAULT_DB else ""
+    base = f"http://{args.host}:{args.port}"
+    body = json.dumps({"items": [{"record_id": record_id, "bu": "bu1", "update": update}]})
+    return f"""
+fieldsync is serving on {base} (database: {args.db}; JWT secret from {secret_source})
+
+Get a token:
+  TOKEN=$(fieldsync token{db} --tenant acme --bus bu1 --user alice)
+
+Sync a first record (a Yjs update setting two fields of a task):
+  curl -s -X POST {base}/api/v1/sync/activity/sync \\
+    -H "Authorization: Bearer $TOKEN" -H "Device-Id: phone-1" -H "Content-Type: application/json" \\
+    -d '{body}'
+
+Pull what changed:
+  curl -s {base}/api/v1/sync/activity/changes -H "Authorization: Bearer $TOKEN" -H "Device-Id: phone-1"
+
+Read it back as JSON:
+  curl -s {base}/api/v1/records/activity/{record_id} -H "Authorization: Bearer $TOKEN"
+"""
+
+
+def _token(args: argparse.Namespace) -> None:
+    secret, _ = resolve_secret(args.db)
+    bus = _split(args.bus)
+    if not bus:
+        sys.exit("--bus needs at least one bu id, or '*'")
+    print(mint_token(secret, tenant=args.tenant, user=args.user, bus=bus,
+                     roles=_split(args.roles), ttl_s=args.ttl))
+
+
+def _compact(args: argparse.Namespace) -> None:
+    async def run() -> int:
+        store = open_store(args.db)
+        await store.open()
+        try:
+            return await compact_due(store, max(1, args.min_tail))
+        finally:
+            await store.close()
+
+    print(f"compacted {asyncio.run(run())} records")
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    async def run() -> int:
+        store = open_store(args.db)
+        await store.open()
+        try:
+            key = RecordKey(args.tenant, args.domain, args.record_id)
+            row = await store.get_record(key)
+            if row is None:
+                print(f"no record {args.domain}/{args.record_id} in tenant {args.tenant}")
+                return 1
+            print(json.dumps(record_json(row), indent=2, ensure_ascii=False))
+            print("\nhistory (newest last):")
+            for entry in await store.record_log(key):
+                decisions = json.loads(entry.decisions)
+                print(f"  v{entry.version} {iso(entry.received_at)} {entry.origin}"
+                      f" by {entry.actor} ({entry.device or '-'}), {len(entry.update)} bytes")
+                for d in decisions:
+                    print(f"    decision {d['rule']} on {d['field']}: kept {d['kept']!r},"
+                          f" refused {d['rejected']!r} - {d['reason']}")
+            return 0
+        finally:
+            await store.close()
+
+    sys.exit(asyncio.run(run()))

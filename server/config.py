@@ -1,0 +1,32 @@
+"""Server settings: one frozen value built by the CLI (or tests) and handed to the app."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_body_bytes: int = 32 << 20
+    max_items: int = 1000
+    max_update_bytes: int = 1 << 20
+    max_state_vector_bytes: int = 64 << 10
+    max_clients_per_update: int = 1000
+    max_record_id_len: int = 128
+    max_pull_limit: int = 5000
+    default_pull_limit: int = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    db: str
+    jwt_secret: str
+    jwt_algorithms: tuple[str, ...] = ("HS256",)
+    jwt_public_key: str | None = None
+    node_id: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    cache_size: int = 10_000
+    idempotency_ttl_s: float = 24 * 3600
+    compaction_min_tail: int = 64
+    compaction_interval_s: float = 30.0
+    jwt_leeway_s: float = 30.0

@@ -1,0 +1,219 @@
+"""Live records: the in-memory Yjs doc of each record, loaded once and shared.
+
+Each record is loaded exactly once however many requests ask for it at the same
+time (single flight). Requests pin what they use so it is not evicted under them.
+A record whose doc failed, or whose commit failed, is *poisoned*: it leaves the
+cache, and the next request reloads it from storage once every in-flight commit that
+touched it has settled, so the reload sees exactly what became durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pycrdt import Doc, TransactionEvent
+
+from crdt_models import record as records
+from crdt_models.registry import get_model
+from crdt_models.yupdate import MalformedUpdate, inspect_update
+from storage import RecordKey, Store
+from storage.types import StoredRecord
+
+from .gate import DocFailed, apply_update, state_of
+
+log = logging.getLogger(__name__)
+
+
+def digest(update: bytes) -> bytes:
+    return hashlib.blake2b(update, digest_size=16).digest()
+
+
+@dataclass(eq=False)
+class LiveRecord:
+    key: RecordKey
+    doc: Doc[Any]
+    bu: str | None = None
+    version: int = 0
+    exists: bool = False
+    state: records.RecordState | None = None
+    pending: set[bytes] = field(default_factory=set)
+    captured: list[bytes] = field(default_factory=list)
+    pins: int = 0
+    poisoned: bool = False
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def take_captured(self) -> bytes | None:
+        """The integrated delta of the transactions since the last call (None: nothing changed)."""
+        changes = [u for u in self.captured if u != b"\x00\x00"]
+        self.captured.clear()
+        if not changes:
+            return None
+        if len(changes) == 1:
+            return changes[0]
+        from pycrdt import merge_updates
+
+        merged: bytes = merge_updates(*changes)
+        return merged
+
+
+class RecordUnavailable(Exception):
+    """The stored record could not be rebuilt into a doc (logged; never expected)."""
+
+
+class LiveRecords:
+    def __init__(self, store: Store, client_id: int, capacity: int) -> None:
+        self._store = store
+        self._client_id = client_id
+        self._capacity = capacity
+        self._live: OrderedDict[RecordKey, LiveRecord] = OrderedDict()
+        self._loading: dict[RecordKey, asyncio.Future[LiveRecord]] = {}
+        self._settling: dict[RecordKey, LiveRecord] = {}
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    async def pin_many(self, keys: Iterable[RecordKey]) -> dict[RecordKey, LiveRecord]:
+        """The live records of `keys` (new empty ones for records not stored), pinned.
+
+        A record whose stored state cannot be rebuilt is left out of the answer.
+        """
+        wanted = list(dict.fromkeys(keys))
+        failed: set[RecordKey] = set()
+        while True:
+            await self._await_settling(wanted)
+            missing = [k for k in wanted if k not in self._live and k not in self._loading]
+            if missing:
+                failed |= await self._load(missing)
+            for key in wanted:
+                if key in self._loading:
+                    try:
+                        await self._loading[key]
+                    except RecordUnavailable:
+                        failed.add(key)
+            # no await from here on: what is live now is what gets pinned
+            if all(k in self._live or k in failed for k in wanted):
+                return self._pin([k for k in wanted if k not in failed])
+
+    def _pin(self, keys: list[RecordKey]) -> dict[RecordKey, LiveRecord]:
+        out = {}
+        for key in keys:
+            rec = self._live[key]
+            rec.pins += 1
+            rec.settled.clear()
+            self._live.move_to_end(key)
+            out[key] = rec
+        self._evict()
+        return out
+
+    def unpin(self, recs: Iterable[LiveRecord]) -> None:
+        for rec in recs:
+            rec.pins -= 1
+            if rec.pins == 0:
+                rec.settled.set()
+                if rec.poisoned:
+                    self._settling.pop(rec.key, None)
+        self._evict()
+
+    def poison(self, rec: LiveRecord) -> None:
+        """Discard the doc: the next request reloads the record from storage."""
+        if rec.poisoned:
+            return
+        log.warning("discarding the in-memory doc of %s", rec.key)
+        rec.poisoned = True
+        if self._live.get(rec.key) is rec:
+            del self._live[rec.key]
+        if rec.pins > 0:
+            rec.settled.clear()
+            self._settling[rec.key] = rec
+
+    def drop_all(self) -> None:
+        """Forget every doc (after a storage failure nothing in memory is trusted)."""
+        for rec in list(self._live.values()):
+            self.poison(rec)
+
+    async def _await_settling(self, keys: list[RecordKey]) -> None:
+        for key in keys:
+            rec = self._settling.get(key)
+            if rec is not None:
+                await rec.settled.wait()
+
+    async def _load(self, keys: list[RecordKey]) -> set[RecordKey]:
+        """Load records into the cache (empty ones if not stored); returns those that failed."""
+        loop = asyncio.get_running_loop()
+        futures = {k: loop.create_future() for k in keys}
+        self._loading.update(futures)
+        failed: set[RecordKey] = set()
+        try:
+            stored = await self._store.load_records(keys)
+            for key, fut in futures.items():
+                try:
+                    rec = self._build(key, stored.get(key))
+                except RecordUnavailable as exc:
+                    failed.add(key)
+                    _resolve(fut, exc)
+                    continue
+                self._live[key] = rec
+                fut.set_result(rec)
+        except BaseException as exc:
+            for fut in futures.values():
+                _resolve(fut, exc)
+            raise
+        finally:
+            for key in keys:
+                self._loading.pop(key, None)
+        return failed
+
+    def _new(self, key: RecordKey) -> LiveRecord:
+        doc = records.new_doc(client_id=self._client_id)
+        rec = LiveRecord(key=key, doc=doc)
+        doc.observe(lambda event: _capture(rec, event))
+        return rec
+
+    def _build(self, key: RecordKey, stored: StoredRecord | None) -> LiveRecord:
+        rec = self._new(key)
+        if stored is None:
+            return rec
+        updates = [stored.row.snapshot] if stored.row.snapshot else []
+        updates += [e.update for e in stored.tail]
+        try:
+            for update in updates:
+                apply_update(rec.doc, update)
+            sv = state_of(rec.doc)
+        except DocFailed as exc:
+            log.error("stored record %s does not load: %s", key, exc)
+            raise RecordUnavailable(str(key)) from exc
+        rec.captured.clear()
+        rec.bu, rec.version, rec.exists = stored.row.bu, stored.row.version, True
+        rec.state = records.read_state(rec.doc, get_model(key.domain))
+        rec.pending = {digest(e.update) for e in stored.tail if _adds_beyond(e.update, sv)}
+        return rec
+
+    def _evict(self) -> None:
+        excess = len(self._live) - self._capacity
+        if excess <= 0:
+            return
+        for key in [k for k, r in self._live.items() if r.pins == 0][:excess]:
+            del self._live[key]
+
+
+def _resolve(fut: asyncio.Future[LiveRecord], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+        fut.exception()  # mark retrieved: each waiter re-raises it itself
+
+
+def _capture(rec: LiveRecord, event: TransactionEvent) -> None:
+    rec.captured.append(event.update)
+
+
+def _adds_beyond(update: bytes, state: dict[int, int]) -> bool:
+    try:
+        return bool(inspect_update(update).adds_beyond(state))
+    except MalformedUpdate:
+        return False

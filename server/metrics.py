@@ -1,0 +1,37 @@
+"""Prometheus metrics, one registry per app (so tests can run many apps in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.items = Counter(
+            "fieldsync_push_items_total", "Pushed items by domain and result status",
+            ["domain", "status"], registry=r,
+        )
+        self.item_errors = Counter(
+            "fieldsync_push_item_errors_total", "Push item errors by code", ["code"], registry=r
+        )
+        self.decisions = Counter(
+            "fieldsync_decisions_total", "Compensations by rule", ["rule"], registry=r
+        )
+        self.push_seconds = Histogram(
+            "fieldsync_push_seconds", "Push request latency", ["domain"], registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
+        self.pulled = Counter(
+            "fieldsync_pull_changes_total", "Changes served by pull", ["domain"], registry=r
+        )
+        self.http_errors = Counter(
+            "fieldsync_http_errors_total", "Error answers by code", ["code"], registry=r
+        )
+        self.live_records = Gauge(
+            "fieldsync_live_records", "Record docs held in memory", registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

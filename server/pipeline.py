@@ -1,0 +1,383 @@
+"""The merge pipeline: decode -> authorize -> load -> apply -> constrain -> persist -> answer -> fan out.
+
+`Pipeline.push` is the one path every device update takes (HTTP batch push today,
+the device socket and the Yjs socket later). The merge itself is pure CPU with no
+`await` inside, so concurrent requests interleave only between whole merges.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from crdt_models import constraints
+from crdt_models import record as records
+from crdt_models.registry import get_model
+from crdt_models.schema import DomainModel
+from crdt_models.yupdate import UpdateShape, encode_state_vector
+from storage import RecordKey, StorageUnavailable, Store
+from storage.types import (
+    ClientClaim,
+    IdempotencyWrite,
+    LogEntry,
+    NewEntry,
+    NodeInfo,
+    Position,
+    QuarantineItem,
+    RecordWrite,
+    WriteBatch,
+)
+
+from .auth import Principal
+from .errors import ErrorCode, ItemError
+from .gate import DocFailed, UpdateGate, apply_update, diff, state_of
+from .live import LiveRecord, LiveRecords, digest
+from .ownership import ClientOwners
+
+log = logging.getLogger(__name__)
+
+Listener = Callable[[Sequence[LogEntry]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class PushItem:
+    record_id: str
+    bu: str | None
+    update: bytes | None
+    state_vector: bytes | None
+
+
+@dataclass(slots=True)
+class ItemResult:
+    record_id: str
+    status: str
+    version: int = 0
+    update: bytes | None = None
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+    error: ItemError | None = None
+    state_vector: bytes | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "record_id": self.record_id,
+            "status": self.status,
+            "version": self.version,
+            "update": self.update,
+            "decisions": self.decisions,
+            "error": self.error.to_wire() if self.error else None,
+        }
+        if self.state_vector is not None:
+            out["state_vector"] = self.state_vector
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who pushes: the principal, the device, and how the change is attributed."""
+
+    principal: Principal
+    device: str | None
+    origin: constraints.Origin = constraints.Origin.DEVICE
+
+
+@dataclass(slots=True)
+class _Checked:
+    """A push item after the gate: its record, and the update's shape."""
+
+    item: PushItem
+    key: RecordKey
+    shape: UpdateShape | None = None
+    error: ItemError | None = None
+
+
+@dataclass(slots=True)
+class _Merge:
+    """What one push accumulates while merging: the batch to commit and the answers."""
+
+    batch: WriteBatch = field(default_factory=WriteBatch)
+    results: list[ItemResult] = field(default_factory=list)
+    touched: dict[RecordKey, LiveRecord] = field(default_factory=dict)
+    claims: list[tuple[str, int]] = field(default_factory=list)
+
+
+Remember = Callable[[list[ItemResult]], IdempotencyWrite]
+
+
+class Pipeline:
+    def __init__(
+        self,
+        store: Store,
+        live: LiveRecords,
+        owners: ClientOwners,
+        gate: UpdateGate,
+        node: NodeInfo,
+    ) -> None:
+        self.store = store
+        self.live = live
+        self.owners = owners
+        self.gate = gate
+        self.node = node
+        self.listeners: list[Listener] = []
+
+    async def push(
+        self,
+        actor: Actor,
+        domain: str,
+        items: Sequence[PushItem],
+        remember: Remember | None = None,
+    ) -> list[ItemResult]:
+        model = get_model(domain)
+        tenant = actor.principal.tenant
+        checked = [self._check(tenant, domain, item) for item in items]
+        quarantine = [c for c in checked if c.error and c.item.update is not None]
+        recs = await self.live.pin_many(c.key for c in checked if c.error is None)
+        try:
+            await self.owners.preload(tenant, _clients(checked))
+            merge = self._merge_all(actor, model, checked, recs)
+            merge.batch.quarantine += [self._quarantined(actor, c) for c in quarantine]
+            if remember is not None:
+                merge.batch.idempotency = remember(merge.results)
+            await self._commit(merge)
+        finally:
+            self.live.unpin(recs.values())
+        return merge.results
+
+    # -- decode and authorize ---------------------------------------------
+
+    def _check(self, tenant: str, domain: str, item: PushItem) -> _Checked:
+        checked = _Checked(item, RecordKey(tenant, domain, item.record_id))
+        try:
+            if item.update is not None:
+                checked.shape = self.gate.check_update(item.update)
+            if item.state_vector is not None:
+                self.gate.check_state_vector(item.state_vector)
+        except ItemError as exc:
+            checked.error = exc
+        return checked
+
+    # -- merge (no await in here) -----------------------------------------
+
+    def _merge_all(
+        self,
+        actor: Actor,
+        model: DomainModel,
+        checked: list[_Checked],
+        recs: dict[RecordKey, LiveRecord],
+    ) -> _Merge:
+        merge = _Merge()
+        now = datetime.now(UTC)
+        for c in checked:
+            rec = recs.get(c.key)
+            try:
+                if c.error:
+                    raise c.error
+                if rec is None or rec.poisoned:
+                    raise ItemError(ErrorCode.RECORD_UNAVAILABLE, "the record is reloading; retry")
+                result = self._merge_one(actor, model, c, rec, merge, now)
+            except ItemError as exc:
+                version = rec.version if rec is not None and _visible(rec, actor) else 0
+                result = ItemResult(c.item.record_id, "error", version, error=exc)
+            merge.results.append(result)
+        return merge
+
+    def _merge_one(
+        self,
+        actor: Actor,
+        model: DomainModel,
+        c: _Checked,
+        rec: LiveRecord,
+        merge: _Merge,
+        now: datetime,
+    ) -> ItemResult:
+        bu = self._authorize(actor, c.item, rec)
+        if c.item.update is None:
+            return self._catch_up(c.item, rec)
+        assert c.shape is not None
+        sv = state_of(rec.doc)
+        self._check_ownership(actor, c.shape, sv, merge)
+        created = not rec.exists
+        before = rec.state
+        try:
+            apply_update(rec.doc, c.item.update)
+            after_sv = state_of(rec.doc)
+        except DocFailed as exc:
+            self.live.poison(rec)
+            merge.batch.quarantine.append(self._quarantined(actor, c, str(exc)))
+            raise ItemError(ErrorCode.UPDATE_REJECTED, "the server could not apply this update") from None
+        delta = rec.take_captured()
+        pending = bool(c.shape.adds_beyond(after_sv))
+        fresh_pending = pending and digest(c.item.update) not in rec.pending
+        if delta is None and not fresh_pending:
+            return self._answer(c.item, rec, "pending" if pending else "unchanged", None, [])
+        ctx = constraints.Context(
+            actor.principal.user, actor.principal.roles, actor.device, actor.origin, now
+        )
+        compensation, decisions = self._constrain(model, rec, before, ctx) if delta else (None, [])
+        if fresh_pending:
+            rec.pending.add(digest(c.item.update))
+        if rec.state is None:
+            rec.state = records.read_state(rec.doc, model)
+        self._stage(actor, rec, bu, c.item.update, compensation, decisions, merge)
+        status = "pending" if pending else ("created" if created else "merged")
+        return self._answer(c.item, rec, status, compensation, decisions)
+
+    def _authorize(self, actor: Actor, item: PushItem, rec: LiveRecord) -> str:
+        """The record's bu, if the caller may write it; another bu's record does not exist."""
+        principal = actor.principal
+        if rec.exists and rec.bu is not None:
+            if not principal.covers_bu(rec.bu):
+                raise ItemError(ErrorCode.NOT_FOUND, "no such record")
+            if item.bu is not None and item.bu != rec.bu:
+                raise ItemError(
+                    ErrorCode.BU_MISMATCH, f"the record belongs to bu {rec.bu!r}, not {item.bu!r}"
+                )
+            return rec.bu
+        if item.bu is None:
+            if item.update is None:
+                raise ItemError(ErrorCode.NOT_FOUND, "no such record")
+            raise ItemError(ErrorCode.INVALID_ITEM, "a new record needs its bu")
+        if not principal.covers_bu(item.bu):
+            raise ItemError(ErrorCode.NOT_FOUND, f"bu {item.bu!r} is not in your scope")
+        return item.bu
+
+    def _catch_up(self, item: PushItem, rec: LiveRecord) -> ItemResult:
+        assert item.state_vector is not None
+        if not rec.exists:
+            raise ItemError(ErrorCode.NOT_FOUND, "no such record")
+        return self._answer(item, rec, "unchanged", None, [])
+
+    def _check_ownership(
+        self, actor: Actor, shape: UpdateShape, sv: dict[int, int], merge: _Merge
+    ) -> None:
+        tenant = actor.principal.tenant
+        for client in shape.adds_beyond(sv):
+            owner = self.owners.owner(tenant, client)
+            if owner is not None and owner == actor.device:
+                continue
+            if owner is not None or actor.device is None:
+                raise ItemError(
+                    ErrorCode.CLIENT_ID_OWNED,
+                    f"Yjs client id {client} belongs to another writer; each device (and each"
+                    " doc instance) must use its own client id",
+                )
+            self.owners.claim(tenant, client, actor.device)
+            merge.claims.append((tenant, client))
+            merge.batch.claims.append(ClientClaim(tenant, client, actor.device))
+
+    def _constrain(
+        self,
+        model: DomainModel,
+        rec: LiveRecord,
+        before: records.RecordState | None,
+        ctx: constraints.Context,
+    ) -> tuple[bytes | None, list[dict[str, Any]]]:
+        after = records.read_state(rec.doc, model)
+        corrections = constraints.evaluate(model, before, after, ctx)
+        if corrections:
+            try:
+                constraints.compensate(rec.doc, corrections)
+            except Exception:  # noqa: BLE001 - a failed compensation must not leave a half doc
+                self.live.poison(rec)
+                log.exception("compensation failed on %s", rec.key)
+                raise ItemError(ErrorCode.RECORD_UNAVAILABLE, "the record is reloading; retry") from None
+            after = records.read_state(rec.doc, model)
+        rec.state = after
+        return rec.take_captured(), [c.decision() for c in corrections]
+
+    def _stage(
+        self,
+        actor: Actor,
+        rec: LiveRecord,
+        bu: str,
+        update: bytes,
+        compensation: bytes | None,
+        decisions: list[dict[str, Any]],
+        merge: _Merge,
+    ) -> None:
+        rec.version += 1
+        rec.exists, rec.bu = True, bu
+        principal = actor.principal
+        entries = merge.batch.entries
+        entries.append(
+            NewEntry(rec.key, bu, update, rec.version, str(actor.origin), principal.user, actor.device)
+        )
+        if compensation is not None:
+            entries.append(
+                NewEntry(rec.key, bu, compensation, rec.version, str(constraints.Origin.SERVER),
+                         principal.user, actor.device, json.dumps(decisions))
+            )
+        assert rec.state is not None
+        merge.batch.records.append(
+            RecordWrite(rec.key, bu, rec.doc.get_state(),
+                        json.dumps(records.materialize(rec.state)), rec.version)
+        )
+        merge.touched[rec.key] = rec
+
+    def _answer(
+        self,
+        item: PushItem,
+        rec: LiveRecord,
+        status: str,
+        compensation: bytes | None,
+        decisions: list[dict[str, Any]],
+    ) -> ItemResult:
+        update = compensation
+        if item.state_vector is not None:
+            try:
+                update = diff(rec.doc, item.state_vector)
+            except DocFailed:
+                self.live.poison(rec)
+                raise ItemError(ErrorCode.RECORD_UNAVAILABLE, "the record is reloading; retry") from None
+            if update == b"\x00\x00":
+                update = None
+        result = ItemResult(item.record_id, status, rec.version, update, decisions)
+        if status == "pending":
+            result.state_vector = encode_state_vector(state_of(rec.doc))
+        return result
+
+    def _quarantined(self, actor: Actor, c: _Checked, reason: str | None = None) -> QuarantineItem:
+        assert c.item.update is not None
+        why = reason or (c.error.message if c.error else "rejected")
+        return QuarantineItem(c.key, actor.principal.user, actor.device, why, c.item.update)
+
+    # -- persist and fan out -----------------------------------------------
+
+    async def _commit(self, merge: _Merge) -> None:
+        if merge.batch.is_empty():
+            return
+        try:
+            positions = await self.store.commit(merge.batch)
+        except StorageUnavailable:
+            for rec in merge.touched.values():
+                self.live.poison(rec)
+            self.owners.forget(merge.claims)
+            raise
+        self._fan_out(merge.batch, positions)
+
+    def _fan_out(self, batch: WriteBatch, positions: list[Position]) -> None:
+        if not self.listeners or not positions:
+            return
+        now = time.time()
+        committed = [
+            LogEntry(pos, e.key, e.bu, e.update, e.version, e.origin, e.actor, e.device,
+                     e.decisions, now)
+            for pos, e in zip(positions, batch.entries)
+        ]
+        for listener in self.listeners:
+            try:
+                listener(committed)
+            except Exception:  # noqa: BLE001 - one broken subscriber must not fail a commit
+                log.exception("fan-out listener failed")
+
+
+def _clients(checked: list[_Checked]) -> set[int]:
+    return {client for c in checked if c.shape is not None for client in c.shape.clients}
+
+
+def _visible(rec: LiveRecord, actor: Actor) -> bool:
+    return rec.exists and rec.bu is not None and actor.principal.covers_bu(rec.bu)
