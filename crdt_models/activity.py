@@ -8,7 +8,15 @@ from crdt_models.schema import Field, FieldType, Rule, build_model
 NAME = "activity"
 
 JOBSTATUSES = frozenset(
-    {"ASSIGNED", "INPROGRESS", "WORKING", "STANDBY", "PARTIALLYCOMPLETED", "COMPLETED", "AUTOCLOSED"}
+    {
+        "ASSIGNED",
+        "INPROGRESS",
+        "WORKING",
+        "STANDBY",
+        "PARTIALLYCOMPLETED",
+        "COMPLETED",
+        "AUTOCLOSED",
+    }
 )
 
 FIELDS = (

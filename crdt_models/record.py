@@ -45,7 +45,7 @@ _KINDS: tuple[tuple[type, str], ...] = (
 
 @dataclass(frozen=True)
 class NonScalar:
-    """Stands for a value records must not hold (a nested type, bytes…); its content is never read."""
+    """A value records must not hold (a nested type, bytes…); its content is never read."""
 
     kind: str
 

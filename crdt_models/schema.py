@@ -15,10 +15,8 @@ if TYPE_CHECKING:
 #: Root arrays a model may declare besides ``fields`` (RecordState reads only these).
 SUPPORTED_ARRAYS = frozenset({"history"})
 
-Rule: TypeAlias = Callable[
-    ["RecordState | None", "RecordState", "Context"], Iterable["Correction"]
-]
-"""A constraint: ``(before, after, context) -> corrections``; ``before`` is None for a new record."""
+Rule: TypeAlias = Callable[["RecordState | None", "RecordState", "Context"], Iterable["Correction"]]
+"""A constraint ``(before, after, context) -> corrections``; ``before`` None = new record."""
 
 
 class FieldType(Enum):

@@ -55,7 +55,6 @@ def decode_msgpack(body: bytes) -> Any:
             strict_map_key=True,
             object_pairs_hook=_pairs_to_dict,
             use_list=True,
-            max_buffer_size=len(body),
         )
     except DuplicateKey as exc:
         raise _malformed(f"msgpack body: {exc}") from None

@@ -37,7 +37,7 @@ def decode_cursor(tenant: str, domain: str, cursor: str | None) -> dict[NodeId, 
         raise _invalid("the cursor is too long")
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        data = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_buffer_size=len(raw))
+        data = msgpack.unpackb(raw, raw=False, strict_map_key=True)
     except (binascii.Error, ValueError, msgpack.UnpackException):
         raise _invalid("the cursor is not one this server issued") from None
     if not isinstance(data, dict) or data.get("v") != VERSION:

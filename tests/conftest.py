@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestClient
 
+from server.app import create_app
+from server.config import Config
 from storage import Store
 from storage.sqlite import SQLiteStore
+from tests.helpers import SECRET, Api, token
 
 STORE_BACKENDS = ["sqlite"]
 
@@ -36,3 +41,23 @@ async def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Async
 @pytest.fixture
 async def store(store_factory: StoreFactory) -> Store:
     return await store_factory()
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    return Config(db=str(tmp_path / "server.db"), jwt_secret=SECRET)
+
+
+@pytest.fixture
+async def client(aiohttp_client: Any, config: Config) -> TestClient:
+    """A real aiohttp server on 127.0.0.1 over a real SQLite file."""
+    return await aiohttp_client(create_app(config))
+
+
+@pytest.fixture
+def api(client: TestClient) -> Callable[..., Api]:
+    def make(tenant: str = "t1", bus: tuple[str, ...] = ("bu1",), user: str = "u1",
+             device: str = "dev-1", roles: tuple[str, ...] = ()) -> Api:
+        return Api(client, token(tenant, bus, user, roles), device)
+
+    return make

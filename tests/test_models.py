@@ -22,28 +22,28 @@ from crdt_models.record import NonScalar, RecordState
 from crdt_models.rules_common import RULE_TYPE, RULE_UNKNOWN_FIELD
 from crdt_models.schema import DomainModel, Field, FieldType, Rule, build_model
 
-S, I, N, B = FieldType.STRING, FieldType.INT, FieldType.NUMBER, FieldType.BOOL
-DT, D, E, R = FieldType.DATETIME, FieldType.DATE, FieldType.ENUM, FieldType.REF
+STR, INT, NUM, BOOL = FieldType.STRING, FieldType.INT, FieldType.NUMBER, FieldType.BOOL
+DTM, DATE, ENUM, REF = FieldType.DATETIME, FieldType.DATE, FieldType.ENUM, FieldType.REF
 
 EXPECTED_FIELDS: dict[str, dict[str, FieldType]] = {
     "activity": {
-        "jobdesc": S, "plandatetime": DT, "expirydatetime": DT, "gracetime": I,
-        "priority": E, "jobstatus": E, "assignee": R, "starttime": DT, "endtime": DT,
-        "lat": N, "lon": N, "remarks": S,
+        "jobdesc": STR, "plandatetime": DTM, "expirydatetime": DTM, "gracetime": INT,
+        "priority": ENUM, "jobstatus": ENUM, "assignee": REF, "starttime": DTM, "endtime": DTM,
+        "lat": NUM, "lon": NUM, "remarks": STR,
     },
     "work-orders": {
-        "description": S, "plandatetime": DT, "expirydatetime": DT, "gracetime": I,
-        "priority": E, "workstatus": E, "workpermit": E, "vendor": R, "performedby": R,
-        "lat": N, "lon": N, "remarks": S,
+        "description": STR, "plandatetime": DTM, "expirydatetime": DTM, "gracetime": INT,
+        "priority": ENUM, "workstatus": ENUM, "workpermit": ENUM, "vendor": REF, "performedby": REF,
+        "lat": NUM, "lon": NUM, "remarks": STR,
     },
     "attendance": {
-        "people": R, "datefor": D, "punchintime": DT, "punchouttime": DT, "lat_in": N,
-        "lon_in": N, "lat_out": N, "lon_out": N, "accuracy": N, "shift": R, "remarks": S,
-        "verified": B, "verifiedby": R, "approval": S,
+        "people": REF, "datefor": DATE, "punchintime": DTM, "punchouttime": DTM, "lat_in": NUM,
+        "lon_in": NUM, "lat_out": NUM, "lon_out": NUM, "accuracy": NUM, "shift": REF, "remarks": STR,
+        "verified": BOOL, "verifiedby": REF, "approval": STR,
     },
     "helpdesk": {
-        "ticketdesc": S, "priority": E, "status": E, "level": I, "isescalated": B,
-        "assignedtopeople": R, "assignedtogroup": R, "comments": S,
+        "ticketdesc": STR, "priority": ENUM, "status": ENUM, "level": INT, "isescalated": BOOL,
+        "assignedtopeople": REF, "assignedtogroup": REF, "comments": STR,
     },
 }  # fmt: skip
 
@@ -180,13 +180,13 @@ def test_type_check_is_the_first_rule(name: str) -> None:
 
 def test_build_model_refuses_bad_declarations() -> None:
     with pytest.raises(ValueError, match="twice"):
-        build_model("x", [Field("a", S), Field("a", I)], [])
+        build_model("x", [Field("a", STR), Field("a", INT)], [])
     with pytest.raises(ValueError, match="arrays"):
-        build_model("x", [Field("a", S)], [], arrays=("comments",))
+        build_model("x", [Field("a", STR)], [], arrays=("comments",))
     with pytest.raises(ValueError, match="choices"):
-        Field("a", E)
+        Field("a", ENUM)
     with pytest.raises(ValueError, match="minimum"):
-        Field("a", S, minimum=0)
+        Field("a", STR, minimum=0)
 
 
 # --- reading docs safely -------------------------------------------------------------
@@ -195,7 +195,12 @@ def test_build_model_refuses_bad_declarations() -> None:
 def test_read_state_reads_scalars_and_ints_come_back_as_floats() -> None:
     doc = doc_with(jobdesc="fix pump", gracetime=15, lat=12.5, jobstatus=None)
     got = record.read_state(doc, model("activity"))
-    assert dict(got.fields) == {"jobdesc": "fix pump", "gracetime": 15.0, "lat": 12.5, "jobstatus": None}
+    assert dict(got.fields) == {
+        "jobdesc": "fix pump",
+        "gracetime": 15.0,
+        "lat": 12.5,
+        "jobstatus": None,
+    }
     assert isinstance(got.fields["gracetime"], float)
     assert got.history == () and not got.has_history
 
@@ -252,7 +257,9 @@ def test_read_state_survives_nesting_that_crashes_recursive_readers() -> None:
         print(record.materialize(state))
         """
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "{'status': None}" in done.stdout
 
@@ -286,7 +293,9 @@ def test_history_entries_are_read_one_level(no_recursive_reads: None) -> None:
 def test_history_is_ignored_by_models_without_it() -> None:
     doc = doc_with(jobdesc="x")
     doc.get(record.HISTORY_ROOT, type=Array).append("entry")
-    assert record.materialize(record.read_state(doc, model("activity"))) == {"fields": {"jobdesc": "x"}}
+    assert record.materialize(record.read_state(doc, model("activity"))) == {
+        "fields": {"jobdesc": "x"}
+    }
 
 
 def test_read_state_writes_nothing() -> None:
@@ -315,12 +324,22 @@ def test_new_doc_uses_the_given_client_id() -> None:
 
 def test_wrong_type_restores_the_valid_before_value() -> None:
     fix = only(check("activity", state(gracetime="15m"), before=state(gracetime=10.0)))
-    assert (fix.rule, fix.field, fix.rejected, fix.kept, fix.action) == (RULE_TYPE, "gracetime", "15m", 10.0, "set")
-    assert fix.reason.startswith("gracetime must be an integer number of minutes; got the string '15m'")
+    assert (fix.rule, fix.field, fix.rejected, fix.kept, fix.action) == (
+        RULE_TYPE,
+        "gracetime",
+        "15m",
+        10.0,
+        "set",
+    )
+    assert fix.reason.startswith(
+        "gracetime must be an integer number of minutes; got the string '15m'"
+    )
     assert "previous value" in fix.reason
 
 
-@pytest.mark.parametrize("before", [None, state(), state(gracetime="also bad"), state(gracetime=-3)])
+@pytest.mark.parametrize(
+    "before", [None, state(), state(gracetime="also bad"), state(gracetime=-3)]
+)
 def test_wrong_type_without_a_valid_before_value_is_deleted(before: RecordState | None) -> None:
     fix = only(check("activity", state(gracetime=True), before=before))
     assert (fix.rule, fix.action, fix.kept, fix.rejected) == (RULE_TYPE, "delete", None, True)
@@ -333,7 +352,12 @@ def test_null_before_value_is_restored_as_null() -> None:
 
 def test_unknown_field_is_deleted() -> None:
     fix = only(check("activity", state(jobdesc="ok", colour="red")))
-    assert (fix.rule, fix.field, fix.rejected, fix.action) == (RULE_UNKNOWN_FIELD, "colour", "red", "delete")
+    assert (fix.rule, fix.field, fix.rejected, fix.action) == (
+        RULE_UNKNOWN_FIELD,
+        "colour",
+        "red",
+        "delete",
+    )
 
 
 def test_naive_datetime_needs_a_timezone() -> None:
@@ -385,7 +409,10 @@ def test_number_fields_reject_non_finite_and_non_numbers(value: object) -> None:
 
 
 def test_bool_refs_and_strings() -> None:
-    assert check("helpdesk", state(isescalated=False, assignedtopeople="p-1", assignedtogroup=7.0)) == []
+    assert (
+        check("helpdesk", state(isescalated=False, assignedtopeople="p-1", assignedtogroup=7.0))
+        == []
+    )
     assert only(check("helpdesk", state(isescalated=1))).field == "isescalated"
     assert only(check("helpdesk", state(assignedtopeople=""))).field == "assignedtopeople"
     assert only(check("helpdesk", state(assignedtogroup=1.5))).field == "assignedtogroup"
@@ -411,7 +438,14 @@ def test_decisions_are_json_ready() -> None:
     )  # fmt: skip
     before = state(lat=1.0, jobdesc="old")
     decisions = [c.decision() for c in check("activity", after, before)]
-    assert {d["field"] for d in decisions} == {"lat", "lon", "gracetime", "jobdesc", "priority", "junk"}
+    assert {d["field"] for d in decisions} == {
+        "lat",
+        "lon",
+        "gracetime",
+        "jobdesc",
+        "priority",
+        "junk",
+    }
     text = json.dumps(decisions, allow_nan=False)
     assert len(text) < 5_000
     by_field = {d["field"]: d for d in decisions}
@@ -435,14 +469,14 @@ def valid_values(field: Field) -> st.SearchStrategy[object]:
     low = -MAX_INT if field.minimum is None else int(field.minimum)
     zones = st.just(UTC) | st.integers(-1439, 1439).map(lambda m: timezone(timedelta(minutes=m)))
     by_type: dict[FieldType, st.SearchStrategy[object]] = {
-        S: st.text(),
-        I: st.integers(low, MAX_INT) | st.integers(low, MAX_INT).map(float),
-        N: st.floats(low, allow_nan=False, allow_infinity=False) | st.integers(low, 10**20),
-        B: st.booleans(),
-        DT: st.datetimes(timezones=zones).map(iso_datetime),
-        D: st.dates().map(lambda d: d.isoformat()),
-        E: st.sampled_from(sorted(field.choices or ())),
-        R: st.text(min_size=1) | st.integers(-MAX_INT, MAX_INT),
+        STR: st.text(),
+        INT: st.integers(low, MAX_INT) | st.integers(low, MAX_INT).map(float),
+        NUM: st.floats(low, allow_nan=False, allow_infinity=False) | st.integers(low, 10**20),
+        BOOL: st.booleans(),
+        DTM: st.datetimes(timezones=zones).map(iso_datetime),
+        DATE: st.dates().map(lambda d: d.isoformat()),
+        ENUM: st.sampled_from(sorted(field.choices or ())),
+        REF: st.text(min_size=1) | st.integers(-MAX_INT, MAX_INT),
     }
     return st.none() | by_type[field.type]
 
@@ -453,8 +487,13 @@ def valid_states(domain: DomainModel) -> st.SearchStrategy[RecordState]:
 
 
 def any_states(domain: DomainModel) -> st.SearchStrategy[RecordState]:
-    values = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30) | st.builds(
-        NonScalar, st.sampled_from(["map", "array", "text"])
+    values = (
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.floats()
+        | st.text(max_size=30)
+        | st.builds(NonScalar, st.sampled_from(["map", "array", "text"]))
     )
     keys = st.sampled_from(sorted(domain.fields)) | st.text(max_size=8)
     return st.dictionaries(keys, values, max_size=12).map(lambda f: RecordState(fields=f))
@@ -479,7 +518,9 @@ def test_corrected_states_pass_a_second_evaluation(name: str, data: st.DataObjec
     after = data.draw(any_states(domain))
     fixed = constraints.apply_to_state(after, constraints.evaluate(domain, before, after, CTX))
     assert constraints.evaluate(domain, before, fixed, CTX) == []
-    json.dumps([c.decision() for c in constraints.evaluate(domain, before, after, CTX)], allow_nan=False)
+    json.dumps(
+        [c.decision() for c in constraints.evaluate(domain, before, after, CTX)], allow_nan=False
+    )
 
 
 # --- the engine ----------------------------------------------------------------------
@@ -496,7 +537,7 @@ def rule_setting(field: str, value: object, seen: list[object]) -> Rule:
 def test_later_rules_see_earlier_corrections_and_the_last_one_wins() -> None:
     seen: list[object] = []
     rules = (rule_setting("x", "a", seen), rule_setting("x", "b", seen))
-    domain = build_model("test", [Field("x", S)], rules)
+    domain = build_model("test", [Field("x", STR)], rules)
     fix = only(constraints.evaluate(domain, None, state(x="device"), CTX))
     assert seen == ["device", "a"]
     assert (fix.rule, fix.rejected, fix.kept) == ("test.b", "device", "b")
@@ -504,7 +545,7 @@ def test_later_rules_see_earlier_corrections_and_the_last_one_wins() -> None:
 
 def test_a_correction_back_to_the_device_value_is_dropped() -> None:
     rules = (rule_setting("x", "a", []), rule_setting("x", "device", []))
-    domain = build_model("test", [Field("x", S)], rules)
+    domain = build_model("test", [Field("x", STR)], rules)
     assert constraints.evaluate(domain, None, state(x="device"), CTX) == []
 
 
@@ -517,7 +558,9 @@ def test_apply_to_state_is_pure() -> None:
 
 def test_context_and_correction_refuse_nonsense() -> None:
     with pytest.raises(ValueError, match="timezone"):
-        Context(user="u", roles=frozenset(), device=None, origin=Origin.SERVER, now=datetime(2024, 1, 1))
+        Context(
+            user="u", roles=frozenset(), device=None, origin=Origin.SERVER, now=datetime(2024, 1, 1)
+        )
     with pytest.raises(ValueError, match="action"):
         Correction("r", "f", 1, 2, "why", "append")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="nested"):
@@ -550,7 +593,11 @@ def test_compensation_is_one_transaction_and_does_not_ping_pong() -> None:
     after = record.read_state(server, activity)
 
     fixes = constraints.evaluate(activity, before, after, CTX)
-    assert {(c.field, c.action) for c in fixes} == {("gracetime", "set"), ("colour", "delete"), ("lat", "delete")}
+    assert {(c.field, c.action) for c in fixes} == {
+        ("gracetime", "set"),
+        ("colour", "delete"),
+        ("lat", "delete"),
+    }
     updates = capture(server, lambda: constraints.compensate(server, fixes))
     assert len(updates) == 1
 
