@@ -342,9 +342,9 @@ def inspect_update(data: bytes, limits: Limits = _DEFAULT_LIMITS) -> UpdateShape
     data = _as_bytes(data)
     size = len(data)
     if size == 0:
-        raise MalformedUpdate("empty update (the empty update is b'\\x00\\x00')")
+        raise MalformedUpdate("empty input at byte 0 (the empty update is b'\\x00\\x00')")
     if size > limits.max_bytes:
-        raise MalformedUpdate(f"update of {size} bytes exceeds the limit of {limits.max_bytes}")
+        raise MalformedUpdate(f"update of {size} bytes exceeds the limit of {limits.max_bytes} (at byte 0)")
     try:
         return _parse_update(data, size, limits)
     except IndexError:
@@ -370,10 +370,10 @@ def _parse_update(data: bytes, size: int, limits: Limits) -> UpdateShape:
     if num_clients >= 0x80:
         num_clients, pos = vt(data, pos, num_clients)
     if num_clients > limits.max_clients:
-        raise MalformedUpdate(f"update lists {num_clients} clients, limit is {limits.max_clients}")
+        raise MalformedUpdate(f"update lists {num_clients} clients at byte 0, limit is {limits.max_clients}")
     if num_clients * 4 > size - pos:  # numStructs, client, clock, >= 1 struct
         raise MalformedUpdate(
-            f"update declares {num_clients} clients at byte 0 but only {size - pos} bytes remain"
+            f"update declares {num_clients} clients at byte 0; they cannot fit in the {size - pos} bytes that remain"
         )
     for _ in range(num_clients):
         header = pos
@@ -393,8 +393,8 @@ def _parse_update(data: bytes, size: int, limits: Limits) -> UpdateShape:
             raise MalformedUpdate(f"client {client} at byte {header} has no structs")
         if num_structs * 2 > size - pos:  # every struct is >= 2 bytes
             raise MalformedUpdate(
-                f"client {client} at byte {header} declares {num_structs} structs "
-                f"but only {size - pos} bytes remain"
+                f"client {client} at byte {header} declares {num_structs} structs; "
+                f"they cannot fit in the {size - pos} bytes that remain"
             )
         struct_count += num_structs
         if struct_count > max_structs:
@@ -588,7 +588,8 @@ def _parse_update(data: bytes, size: int, limits: Limits) -> UpdateShape:
         )
     if num_ds * 2 > size - pos:  # client, numRanges
         raise MalformedUpdate(
-            f"delete set at byte {ds_start} declares {num_ds} clients but only {size - pos} bytes remain"
+            f"delete set at byte {ds_start} declares {num_ds} clients; "
+            f"they cannot fit in the {size - pos} bytes that remain"
         )
     ranges = 0
     max_ranges = limits.max_delete_ranges
@@ -608,8 +609,8 @@ def _parse_update(data: bytes, size: int, limits: Limits) -> UpdateShape:
             n, pos = vt(data, pos, n)
         if n * 2 > size - pos:  # clock, len
             raise MalformedUpdate(
-                f"delete set client {client} at byte {header} declares {n} ranges "
-                f"but only {size - pos} bytes remain"
+                f"delete set client {client} at byte {header} declares {n} ranges; "
+                f"they cannot fit in the {size - pos} bytes that remain"
             )
         ranges += n
         if ranges > max_ranges:
@@ -631,7 +632,9 @@ def _parse_update(data: bytes, size: int, limits: Limits) -> UpdateShape:
     if pos != size:
         raise MalformedUpdate(f"{size - pos} trailing bytes after the delete set at byte {pos}")
     if ds_seen and len(seen | ds_seen) > limits.max_clients:
-        raise MalformedUpdate(f"update names more than {limits.max_clients} distinct clients")
+        raise MalformedUpdate(
+            f"update names more than {limits.max_clients} distinct clients (delete set at byte {ds_start})"
+        )
     return UpdateShape(
         clients=MappingProxyType(clients),
         struct_count=struct_count,
@@ -646,9 +649,9 @@ def inspect_state_vector(data: bytes, limits: Limits = _DEFAULT_LIMITS) -> dict[
     data = _as_bytes(data)
     size = len(data)
     if size == 0:
-        raise MalformedUpdate("empty state vector (the empty state vector is b'\\x00')")
+        raise MalformedUpdate("empty input at byte 0 (the empty state vector is b'\\x00')")
     if size > limits.max_bytes:
-        raise MalformedUpdate(f"state vector of {size} bytes exceeds the limit of {limits.max_bytes}")
+        raise MalformedUpdate(f"state vector of {size} bytes exceeds the limit of {limits.max_bytes} (at byte 0)")
     vt = _varuint_tail
     try:
         n = data[0]
@@ -657,10 +660,10 @@ def inspect_state_vector(data: bytes, limits: Limits = _DEFAULT_LIMITS) -> dict[
             n, pos = vt(data, pos, n)
         if n * 2 > size - pos:
             raise MalformedUpdate(
-                f"state vector declares {n} clients but only {size - pos} bytes remain"
+                f"state vector declares {n} clients at byte 0; they cannot fit in the {size - pos} bytes that remain"
             )
         if n > limits.max_clients:
-            raise MalformedUpdate(f"state vector lists {n} clients, limit is {limits.max_clients}")
+            raise MalformedUpdate(f"state vector lists {n} clients at byte 0, limit is {limits.max_clients}")
         state: dict[int, int] = {}
         for _ in range(n):
             entry = pos

@@ -80,7 +80,10 @@ async def read_body(request: web.Request, max_bytes: int) -> tuple[bytes, Any, b
         )
     if request.content_length is not None and request.content_length > max_bytes:
         raise too_large(max_bytes)
-    body = await request.content.read(max_bytes + 1)
+    try:
+        body = await request.read()  # bounded by the app's client_max_size
+    except web.HTTPRequestEntityTooLarge:
+        raise too_large(max_bytes) from None
     if len(body) > max_bytes:
         raise too_large(max_bytes)
     return body, (decode_msgpack(body) if binary else decode_json(body)), binary

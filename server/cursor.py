@@ -18,7 +18,8 @@ from storage.types import NodeId
 from .errors import ApiError, ErrorCode
 
 VERSION = 1
-MAX_NODES = 1024
+MAX_NODES = 128
+MAX_CURSOR_CHARS = 4096
 
 
 def _scope_tag(tenant: str, domain: str) -> bytes:
@@ -33,7 +34,7 @@ def encode_cursor(tenant: str, domain: str, clock: Mapping[NodeId, int]) -> str:
 def decode_cursor(tenant: str, domain: str, cursor: str | None) -> dict[NodeId, int]:
     if not cursor:
         return {}
-    if len(cursor) > 64 * 1024:
+    if len(cursor) > MAX_CURSOR_CHARS:
         raise _invalid("the cursor is too long")
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))

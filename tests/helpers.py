@@ -13,7 +13,7 @@ from pycrdt import Doc, Map
 
 from server.auth import mint_token
 
-SECRET = "test-secret-with-enough-entropy-0123456789"
+SECRET = "test-secret-" + "0123456789abcdef" * 4
 _client_ids = itertools.count(10_000)
 
 

@@ -38,8 +38,8 @@ EXPECTED_FIELDS: dict[str, dict[str, FieldType]] = {
     },
     "attendance": {
         "people": REF, "datefor": DATE, "punchintime": DTM, "punchouttime": DTM, "lat_in": NUM,
-        "lon_in": NUM, "lat_out": NUM, "lon_out": NUM, "accuracy": NUM, "shift": REF, "remarks": STR,
-        "verified": BOOL, "verifiedby": REF, "approval": STR,
+        "lon_in": NUM, "lat_out": NUM, "lon_out": NUM, "accuracy": NUM, "shift": REF,
+        "remarks": STR, "verified": BOOL, "verifiedby": REF, "approval": STR,
     },
     "helpdesk": {
         "ticketdesc": STR, "priority": ENUM, "status": ENUM, "level": INT, "isescalated": BOOL,

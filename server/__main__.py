@@ -1,0 +1,5 @@
+"""`python -m server` is `fieldsync`."""
+
+from server.cli import main
+
+main()
