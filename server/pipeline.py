@@ -217,11 +217,11 @@ class Pipeline:
         ctx = constraints.Context(
             actor.principal.user, actor.principal.roles, actor.device, actor.origin, now
         )
-        compensation, decisions = self._constrain(model, rec, before, ctx) if delta else (None, [])
+        # yrs shows a pending struct's value at once (behind a gap), so pending updates
+        # are constrained like any other.
+        compensation, decisions = self._constrain(model, rec, before, ctx)
         if fresh_pending:
             rec.pending.add(digest(c.item.update))
-        if rec.state is None:
-            rec.state = records.read_state(rec.doc, model)
         self._stage(actor, rec, bu, c.item.update, compensation, decisions, merge)
         status = "pending" if pending else ("created" if created else "merged")
         return self._answer(c.item, rec, status, compensation, decisions)

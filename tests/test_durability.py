@@ -1,0 +1,183 @@
+"""Acknowledged writes survive kill -9; compaction keeps updates still waiting for their parents."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from server.app import create_app
+from server.compaction import compact_due
+from server.config import Config
+from server.services import SERVICES
+from storage import RecordKey
+from tests.helpers import SECRET, Api, Replica, b64, token
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    """`fieldsync serve` as a child process that only this test starts and ends."""
+
+    def __init__(self, db: Path) -> None:
+        self.db, self.port = db, free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        env = {**os.environ, "FIELDSYNC_JWT_SECRET": SECRET, "FIELDSYNC_LOG_LEVEL": "WARNING"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server", "serve", "--db", str(self.db), "--port", str(self.port)],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+    async def ready(self, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                try:
+                    async with session.get(f"{self.url}/healthz") as resp:
+                        if resp.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+        raise TimeoutError("the server did not start")
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+@pytest.fixture
+def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
+    proc = ServerProcess(tmp_path / "durable.db")
+    yield proc
+    proc.stop()
+
+
+async def _writer(session: aiohttp.ClientSession, url: str, headers: dict[str, str],
+                  acked: dict[str, str], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        batch = {str(uuid.uuid4()): Replica() for _ in range(20)}
+        items = [{"record_id": r, "bu": "bu1", "update": b64(rep.set(jobdesc=f"job {r}"))}
+                 for r, rep in batch.items()]
+        try:
+            async with session.post(f"{url}/api/v1/sync/activity/sync", json={"items": items},
+                                    headers=headers) as resp:
+                if resp.status != 200:
+                    continue
+                for result in (await resp.json())["results"]:
+                    if result["status"] == "created":
+                        acked[result["record_id"]] = f"job {result['record_id']}"
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return
+
+
+async def test_every_acknowledged_record_survives_kill_9(server_process: ServerProcess) -> None:
+    server_process.start()
+    await server_process.ready()
+    headers = {"Authorization": f"Bearer {token()}", "Device-Id": "dev-1"}
+    acked: dict[str, str] = {}
+    stop = asyncio.Event()
+    async with aiohttp.ClientSession() as session:
+        writers = [asyncio.create_task(_writer(session, server_process.url, headers, acked, stop))
+                   for _ in range(8)]
+        deadline = time.monotonic() + 10
+        while len(acked) < 400 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        server_process.kill9()  # mid-flight: requests are still being written
+        stop.set()
+        await asyncio.gather(*writers, return_exceptions=True)
+    assert len(acked) >= 400
+
+    server_process.start()
+    await server_process.ready()
+    async with aiohttp.ClientSession() as session:
+        found: dict[str, Any] = {}
+        cursor = None
+        for _ in range(1000):
+            params = {"limit": "1000", **({"cursor": cursor} if cursor else {})}
+            async with session.get(f"{server_process.url}/api/v1/sync/activity/changes",
+                                   params=params, headers=headers) as resp:
+                page = await resp.json()
+            found.update({c["record_id"]: c for c in page["changes"]})
+            cursor = page["cursor"]
+            if not page["has_more"]:
+                break
+        missing = set(acked) - set(found)
+        assert not missing, f"{len(missing)} acknowledged records lost"
+        sample = sorted(acked)[:: max(1, len(acked) // 20)]
+        for record_id in sample:
+            async with session.get(f"{server_process.url}/api/v1/records/activity/{record_id}",
+                                   headers=headers) as resp:
+                assert (await resp.json())["fields"] == {"jobdesc": acked[record_id]}
+
+
+async def test_compaction_keeps_pending_updates_across_restart(tmp_path: Path) -> None:
+    config = Config(db=str(tmp_path / "compact.db"), jwt_secret=SECRET)
+    rep = Replica()
+    parent, child, grandchild = rep.set(jobdesc="1"), rep.set(remarks="2"), rep.set(priority="LOW")
+    other = Replica()
+    r = str(uuid.uuid4())
+
+    async with TestClient(TestServer(create_app(config))) as client:
+        dev = Api(client, token())
+        # the device's last two updates arrive, its first is lost on the way
+        assert (await dev.push("activity", [{"record_id": r, "bu": "bu1", "update": grandchild}]))[0]["status"] == "pending"
+        assert (await dev.push("activity", [{"record_id": r, "update": child}]))[0]["status"] == "pending"
+        assert (await dev.push("activity", [{"record_id": r, "update": other.set(assignee="bob")}]))[0]["status"] == "merged"
+        store = client.server.app[SERVICES].store
+        assert await compact_due(store, min_tail=1) == 1
+        key = RecordKey("t1", "activity", r)
+        folded = (await store.load_records([key]))[key]
+        assert folded.tail == () and folded.row.snapshot
+        # yrs shows a pending struct's value at once, behind a gap in that writer's clock
+        before = await (await client.get(f"/api/v1/records/activity/{r}", headers=dev.headers())).json()
+        assert before["fields"] == {"assignee": "bob", "remarks": "2", "priority": "LOW"}
+
+    async with TestClient(TestServer(create_app(config))) as client:
+        dev = Api(client, token())
+        still = await dev.push("activity", [{"record_id": r, "update": child}])
+        assert still[0]["status"] == "pending"
+        done = await dev.push("activity", [{"record_id": r, "update": parent}])
+        assert done[0]["status"] == "merged"
+        after = await (await client.get(f"/api/v1/records/activity/{r}", headers=dev.headers())).json()
+        assert after["fields"] == {"assignee": "bob", "jobdesc": "1", "remarks": "2", "priority": "LOW"}
+        # a fresh device that pulls everything rebuilds the same record
+        changes, _ = await dev.pull_all("activity")
+        fresh = Replica()
+        for change in changes:
+            fresh.apply(change["update"])
+        assert fresh.state() == after["fields"]
