@@ -37,8 +37,10 @@ second. ``p50/p99 ms``: request (batch) latency seen by the client, including qu
 the server's group commit. ``srv CPU µs/upd``: server CPU per update — the number that tells
 how fast the server would be with the cores to itself (1e6 / µs = updates/s per core).
 ``srv CPU %`` and ``cli CPU %``: share of ONE core used by the server and by all load
-generators over the phase (both are on the same machine). ``RSS MB``: server RSS after the
-phase.
+generators over the phase (both are on the same machine); ``oth CPU %``: what other processes
+on the machine used meanwhile (anything well above 0 means the numbers are disturbed).
+``RSS MB``: server RSS after the phase. ``acked`` / ``logged``: items answered created|merged
+and the log rows found for the phase's tenant in the SQLite file after the server stopped.
 
 Run ``python bench/http_sync.py --quick`` for a < 30 s smoke run; results go to
 ``bench/results/http_sync.json`` (``--out``).
@@ -263,6 +265,13 @@ def proc_status_kb(pid: int, key: str) -> int:
     return 0
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all processes on the machine have used (non-idle jiffies of /proc/stat)."""
+    with open("/proc/stat") as fh:
+        values = [int(v) for v in fh.readline().split()[1:9]]
+    return (sum(values) - values[3] - values[4]) / CLK_TCK  # minus idle and iowait
+
+
 def own_cpu_seconds() -> float:
     t = os.times()
     return t.user + t.system
@@ -482,6 +491,7 @@ class PhaseResult:
     generation_s: float
     devices_exhausted: int
     rss_mb_after: float
+    other_cpu_pct: float = 0.0  # other processes on the machine during the phase (not ours)
     logged_rows: int | None = None
 
 
@@ -497,6 +507,7 @@ class Profiler:
 
     def __init__(self, pid: int, out: Path, rate: int = 200) -> None:
         self.out = out
+        self.rate = rate
         self.cmd = [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(pid),
                     "--format", "raw", "--function", "--threads", "--nonblocking",
                     "--rate", str(rate), "-o", str(out)]
@@ -537,9 +548,10 @@ def run_phase(server: Server, spec: PhaseSpec, profiler: Profiler | None = None)
             raise RuntimeError(f"a load generator failed before the start: {errors}") from None
         if profiler is not None:
             profiler.start()
-        cpu0, t0 = server.cpu_seconds(), time.perf_counter()
+        cpu0, busy0, t0 = server.cpu_seconds(), machine_busy_seconds(), time.perf_counter()
         raw = [queue.get(timeout=spec.duration_s + REQUEST_TIMEOUT_S + 60) for _ in procs]
-        cpu1, wall = server.cpu_seconds(), time.perf_counter() - t0
+        cpu1, busy1 = server.cpu_seconds(), machine_busy_seconds()
+        wall = time.perf_counter() - t0
     finally:
         if profiler is not None:
             profiler.stop()
@@ -548,7 +560,10 @@ def run_phase(server: Server, spec: PhaseSpec, profiler: Profiler | None = None)
             if p.is_alive():
                 p.terminate()
     workers = [WorkerResult(**r) for r in raw]
-    return summarize_phase(spec, workers, cpu1 - cpu0, wall, server.rss_mb())
+    result = summarize_phase(spec, workers, cpu1 - cpu0, wall, server.rss_mb())
+    others = busy1 - busy0 - result.server_cpu_s - result.client_cpu_s
+    result.other_cpu_pct = max(0.0, others) / wall * 100 if wall else 0.0
+    return result
 
 
 def summarize_phase(spec: PhaseSpec, workers: list[WorkerResult], server_cpu: float,
@@ -734,69 +749,79 @@ async def _timed_catchup(server: Server, method: str, expected: dict[str, dict[s
 # profile summary
 # ---------------------------------------------------------------------------------------
 
-# (category, substrings of a frame "function (file)"), checked from the leaf up: the first
-# frame that matches decides the category of a sample.
-CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("sqlite (writer/reader thread)", ("(sqlite3", "_execute (aiosqlite", "executemany", "run (aiosqlite")),
-    ("pycrdt apply_update", ("apply_update (pycrdt",)),
-    ("pycrdt get_state / state vectors", ("get_state (pycrdt", "inspect_state_vector", "encode_state_vector")),
-    ("pycrdt get_update / merge_updates", ("get_update (pycrdt", "merge_updates")),
-    ("update gate (inspect_update)", ("inspect_update",)),
-    ("read_state (doc -> RecordState)", ("read_state",)),
-    ("materialize + json.dumps", ("materialize", "dumps (json", "encode (json")),
-    ("constraints", ("evaluate (crdt_models", "(crdt_models/constraints", "(crdt_models/rules_common",
-                     "(crdt_models/values")),
-    ("msgpack decode/encode", ("unpackb", "packb", "decode_msgpack", "(msgpack")),
-    ("JWT auth", ("(jwt/", "authenticate", "verify (server/auth")),
-    ("live cache / ownership", ("(server/live", "(server/ownership")),
-    ("group commit + storage (loop side)", ("(storage/",)),
-    ("pipeline / sync_api (rest)", ("(server/pipeline", "(server/sync_api", "(server/codec")),
-    ("metrics (prometheus)", ("(prometheus_client", "(server/metrics")),
-    ("aiohttp (HTTP server)", ("(aiohttp/", "(multidict", "(yarl")),
-    ("asyncio event loop", ("(asyncio/", "(selectors")),
+# Where the time goes: each sample is put in the step of the innermost frame that matches
+# one of these substrings (frames look like "Class.func (pkg/module.py:line)"); samples of
+# other threads than the event loop's are SQLite work (aiosqlite runs one thread per connection).
+SQLITE_THREADS = "sqlite (aiosqlite threads: execute, commit, fsync)"
+STEPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("merge: materialize + json.dumps", ("materialize (crdt_models", "dumps (json/")),
+    ("merge: apply_update", ("apply_update (server/gate",)),
+    ("merge: state_of (get_state + decode)", ("state_of (server/gate",)),
+    ("merge: read_state (doc -> fields)", ("read_state (crdt_models",)),
+    ("merge: constraints.evaluate", ("evaluate (crdt_models",)),
+    ("merge: capture observer / take_captured", ("take_captured", "_capture (server/live")),
+    ("merge: ownership check", ("_check_ownership",)),
+    ("merge: stage (doc.get_state, rows)", ("Pipeline._stage",)),
+    ("merge: answer (diff / ItemResult)", ("Pipeline._answer",)),
+    ("gate: inspect_update / state vector", ("Pipeline._check (",)),
+    ("load: store.load_records (loop side)", ("load_records (storage", "_load_chunk (storage")),
+    ("load: build docs (Doc(), observe, read)", ("LiveRecords._new", "LiveRecords._build")),
+    ("load: pin / evict / unpin", ("LiveRecords.",)),
+    ("ownership preload", ("ClientOwners.",)),
+    ("group commit (loop side)", ("(storage/",)),
+    ("body: read + msgpack/json decode + parse_items", ("read_body", "parse_items", "decode_msgpack",
+                                                       "decode_json")),
+    ("answer: to_wire + encode + metrics", ("to_wire", "_answer (server/sync_api", "_count (server/sync_api",
+                                            "encode (server/codec", "prometheus_client")),
+    ("auth (JWT verify)", ("authenticate", "TokenVerifier", "(jwt/")),
+    ("pipeline glue (rest)", ("(server/pipeline", "(server/sync_api")),
+    ("aiohttp HTTP handling", ("(aiohttp/", "(multidict", "(yarl")),
+    ("asyncio loop + sockets", ("(asyncio/", "(selectors")),
 )
+PROJECT_CODE = ("(server/", "(crdt_models/", "(storage/", "(pycrdt/", "(json/", "(msgpack")
 
 
 def _frames(stack: str) -> list[str]:
     return [f for f in stack.split(";") if f]
 
 
-def _category(frames: list[str]) -> str:
+def _step(frames: list[str], main_thread: bool) -> str:
+    if not main_thread:
+        return SQLITE_THREADS
     for frame in reversed(frames):
-        for name, needles in CATEGORIES:
+        for name, needles in STEPS:
             if any(n in frame for n in needles):
                 return name
     return "other"
 
 
-def summarize_profile(raw_path: Path, top: int = 15) -> dict[str, Any]:
+def summarize_profile(raw_path: Path, seconds: float, rate: int, top: int = 15) -> dict[str, Any]:
     own: Counter[str] = Counter()
     total: Counter[str] = Counter()
-    cats: Counter[str] = Counter()
+    steps: Counter[str] = Counter()
     threads: Counter[str] = Counter()
     samples = 0
     for line in raw_path.read_text(errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
         frames = _frames(stack)
-        thread, frames = (frames[0], frames[1:]) if frames and frames[0].startswith(("thread", "process")) else ("?", frames)
-        if not frames:
+        if len(frames) < 2 or not count_text.isdigit():
             continue
+        count, thread, frames = int(count_text), frames[0], frames[1:]
         samples += count
         threads[thread] += count
         own[_short(frames[-1])] += count
         for f in set(map(_short, frames)):
             total[f] += count
-        cats[_category(frames)] += count
+        steps[_step(frames, "MainThread" in thread)] += count
     pct = (lambda n: round(100.0 * n / samples, 1)) if samples else (lambda n: 0.0)
+    project = [(f, n) for f, n in total.most_common() if any(m in f for m in PROJECT_CODE)]
     return {
         "samples": samples,
+        "busy_cores": round(samples / (seconds * rate), 2) if seconds else None,
         "threads": {k: pct(v) for k, v in threads.most_common()},
         "own": [(f, pct(n)) for f, n in own.most_common(top)],
-        "inclusive": [(f, pct(n)) for f, n in total.most_common(top + 10)],
-        "categories": [(c, pct(n)) for c, n in cats.most_common()],
+        "inclusive_project": [(f, pct(n)) for f, n in project[:top + 10]],
+        "steps": [(c, pct(n)) for c, n in steps.most_common()],
     }
 
 
@@ -826,7 +851,8 @@ def logged_rows_by_tenant(db: Path) -> dict[str, int]:
 
 def print_phase_table(phases: list[PhaseResult]) -> None:
     head = (f"{'batch':>6} {'upd/s':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'srv CPU':>8}"
-            f" {'srv µs/upd':>10} {'srv CPU%':>8} {'cli CPU%':>8} {'RSS MB':>7} {'acked':>8} {'logged':>8}")
+            f" {'srv µs/upd':>10} {'srv CPU%':>8} {'cli CPU%':>8} {'oth CPU%':>8} {'RSS MB':>7}"
+            f" {'acked':>8} {'logged':>8}")
     print("\nIngest (durable record-updates; every acked item is committed before the answer)")
     print(head)
     print("-" * len(head))
@@ -834,7 +860,7 @@ def print_phase_table(phases: list[PhaseResult]) -> None:
         logged = "-" if p.logged_rows is None else str(p.logged_rows)
         print(f"{p.batch:>6} {p.updates_per_s:>8.0f} {p.requests_per_s:>8.0f} {p.latency_p50_ms:>8.1f}"
               f" {p.latency_p99_ms:>8.1f} {p.server_cpu_s:>7.1f}s {p.server_cpu_us_per_update:>10.1f}"
-              f" {p.server_cpu_pct:>7.0f}% {p.client_cpu_pct:>7.0f}% {p.rss_mb_after:>7.0f}"
+              f" {p.server_cpu_pct:>7.0f}% {p.client_cpu_pct:>7.0f}% {p.other_cpu_pct:>7.0f}% {p.rss_mb_after:>7.0f}"
               f" {p.acked:>8} {logged:>8}")
         if p.not_acked or p.http_errors or p.first_error:
             print(f"       !! not acked: {p.not_acked}, HTTP errors {p.http_errors}: {p.first_error}")
@@ -860,16 +886,17 @@ def print_catchup_table(load: dict[str, Any], results: list[CatchupResult], goal
 
 
 def print_profile(summary: dict[str, Any], out: Path) -> None:
-    print(f"\nServer profile, 100-item batches ({summary['samples']} py-spy samples, raw stacks in {out})")
+    print(f"\nServer profile, {summary['batch']}-item batches ({summary['samples']} py-spy samples, raw stacks in {out})")
+    print(f"busy cores (samples / (rate x seconds)): {summary['busy_cores']}")
     print("threads: " + ", ".join(f"{k} {v}%" for k, v in summary["threads"].items()))
     print("\nTop functions by own time:")
     for name, share in summary["own"]:
         print(f"  {share:>5.1f}%  {name}")
-    print("\nTop functions by inclusive time:")
-    for name, share in summary["inclusive"]:
+    print("\nTop project / pycrdt functions by inclusive time:")
+    for name, share in summary["inclusive_project"]:
         print(f"  {share:>5.1f}%  {name}")
-    print("\nWhere the time goes (innermost recognised component of each sample):")
-    for name, share in summary["categories"]:
+    print("\nWhere the server's busy time goes (innermost recognised step of each sample):")
+    for name, share in summary["steps"]:
         print(f"  {share:>5.1f}%  {name}")
 
 
@@ -901,14 +928,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-catchup", action="store_true")
     p.add_argument("--json", action="store_true", help="JSON bodies (base64 bytes) instead of msgpack")
     p.add_argument("--profile", action="store_true",
-                   help="py-spy the server during the 100-item-batch phase (only that phase by default)")
+                   help="py-spy the server during the --profile-batch phase (only that phase by default)")
+    p.add_argument("--profile-batch", type=int, default=100,
+                   help="the batch size whose phase --profile samples")
     p.add_argument("--out", type=Path, default=None, help="JSON results path")
     args = p.parse_args(argv)
     if args.quick:
         args.duration, args.warmup, args.clients, args.devices = 2.0, 0.5, 2, 2
-        args.max_updates, args.catchup_records, args.open_tasks = 15_000, 2_000, 200
+        args.max_updates, args.catchup_records, args.open_tasks = 10_000, 2_000, 200
     if args.profile and args.batches == p.get_default("batches"):
-        args.batches = "100"
+        args.batches = str(args.profile_batch)
         args.no_catchup = True
     args.batch_sizes = [int(b) for b in args.batches.split(",") if b.strip()]
     args.pull_limits = [int(x) for x in args.pull_limits.split(",") if x.strip()]
@@ -943,7 +972,7 @@ def run_ingest(server: Server, args: argparse.Namespace, rss_log: dict[str, floa
     for number, batch in enumerate(args.batch_sizes, start=1):
         spec = phase_spec(server, args, f"b{batch}", batch, args.duration, number)
         profiler = None
-        if args.profile and batch == 100:
+        if args.profile and batch == args.profile_batch:
             profiler = Profiler(server.pid, RESULTS_DIR / "http_sync_profile.txt")
         print(f"phase batch={batch}: {spec.clients} processes x {spec.devices} devices,"
               f" {spec.items_per_device} updates pre-generated per device", flush=True)
@@ -954,12 +983,14 @@ def run_ingest(server: Server, args: argparse.Namespace, rss_log: dict[str, floa
               f" p99 {result.latency_p99_ms:.1f} ms, server {result.server_cpu_us_per_update:.0f} µs/upd"
               f" (generation took {result.generation_s:.1f} s)", flush=True)
         if profiler is not None:
-            profile_summary = summarize_profile(profiler.out)
+            profile_summary = summarize_profile(profiler.out, result.elapsed_s, profiler.rate)
+            profile_summary["batch"] = batch
     return phases, profile_summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    args.loadavg = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="fieldsync-bench-"))
@@ -1013,7 +1044,8 @@ def check_durability(db: Path, phases: list[PhaseResult]) -> bool:
 def report(args: argparse.Namespace, phases: list[PhaseResult], load: dict[str, Any],
            catchup: list[CatchupResult], rss_log: dict[str, float],
            profile_summary: dict[str, Any] | None, failed: bool, run_s: float) -> None:
-    print(f"\nfieldsync HTTP sync benchmark — {os.cpu_count()} cores, {args.clients} load processes x"
+    print(f"\nfieldsync HTTP sync benchmark — load average at start {args.loadavg},"
+          f" {os.cpu_count()} cores, {args.clients} load processes x"
           f" {args.devices} devices, {'JSON' if args.json else 'msgpack'} bodies,"
           f" {args.duration:.0f} s per phase")
     if phases:

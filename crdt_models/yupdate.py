@@ -145,7 +145,9 @@ def _varuint_tail(data: bytes, pos: int, first: int) -> tuple[int, int]:
             break
         shift += 7
         if shift >= 56:
-            raise MalformedUpdate(f"varUint at byte {start} runs past 8 bytes (lib0 caps at 53 bits)")
+            raise MalformedUpdate(
+                f"varUint at byte {start} runs past 8 bytes (lib0 caps at 53 bits)"
+            )
     if value > _MAX_SAFE:
         raise MalformedUpdate(f"varUint at byte {start} exceeds 53 bits")
     return value, pos
@@ -169,7 +171,9 @@ def _varint_skip(data: bytes, pos: int) -> int:
             break
         shift += 7
         if shift >= 55:
-            raise MalformedUpdate(f"varInt at byte {start} runs past 8 bytes (lib0 caps at 53 bits)")
+            raise MalformedUpdate(
+                f"varInt at byte {start} runs past 8 bytes (lib0 caps at 53 bits)"
+            )
     if value > _MAX_SAFE:
         raise MalformedUpdate(f"varInt at byte {start} exceeds 53 bits")
     return pos
@@ -182,11 +186,15 @@ def _utf8_check(data: bytes, start: int, end: int, what: str) -> None:
         try:
             chunk.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise MalformedUpdate(f"invalid UTF-8 in {what} at byte {start + exc.start}") from None
+            raise MalformedUpdate(
+                f"invalid UTF-8 in {what} at byte {start + exc.start}"
+            ) from None
 
 
 def _overrun(what: str, pos: int, n: int, size: int) -> MalformedUpdate:
-    return MalformedUpdate(f"{what} at byte {pos} declares {n} bytes but only {size - pos} remain")
+    return MalformedUpdate(
+        f"{what} at byte {pos} declares {n} bytes but only {size - pos} remain"
+    )
 
 
 def _skip_string(data: bytes, pos: int, size: int, what: str) -> int:
@@ -197,7 +205,9 @@ def _skip_string(data: bytes, pos: int, size: int, what: str) -> int:
         n, pos = _varuint_tail(data, pos, n)
     end = pos + n
     if end > size:
-        raise MalformedUpdate(f"{what} at byte {pos} declares {n} bytes but only {size - pos} remain")
+        raise MalformedUpdate(
+            f"{what} at byte {pos} declares {n} bytes but only {size - pos} remain"
+        )
     if n:
         _utf8_check(data, pos, end, what)
     return end
@@ -211,14 +221,18 @@ def _string_units(data: bytes, pos: int, size: int) -> tuple[int, int]:
         n, pos = _varuint_tail(data, pos, n)
     end = pos + n
     if end > size:
-        raise MalformedUpdate(f"string at byte {pos} declares {n} bytes but only {size - pos} remain")
+        raise MalformedUpdate(
+            f"string at byte {pos} declares {n} bytes but only {size - pos} remain"
+        )
     chunk = data[pos:end]
     if chunk.isascii():
         return n, end
     try:
         text = chunk.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise MalformedUpdate(f"invalid UTF-8 in string content at byte {pos + exc.start}") from None
+        raise MalformedUpdate(
+            f"invalid UTF-8 in string content at byte {pos + exc.start}"
+        ) from None
     # UTF-16 code units: one per code point, two for those beyond the BMP.
     return len(text.encode("utf-16-le")) >> 1, end
 
@@ -231,7 +245,9 @@ def _skip_bytes(data: bytes, pos: int, size: int, what: str) -> int:
         n, pos = _varuint_tail(data, pos, n)
     end = pos + n
     if end > size:
-        raise MalformedUpdate(f"{what} at byte {pos} declares {n} bytes but only {size - pos} remain")
+        raise MalformedUpdate(
+            f"{what} at byte {pos} declares {n} bytes but only {size - pos} remain"
+        )
     return end
 
 
@@ -248,6 +264,7 @@ _ANY_STRING = 119
 _ANY_OBJECT = 118
 _ANY_ARRAY = 117
 _ANY_BYTES = 116
+_ANY_NO_PAYLOAD = frozenset((_ANY_UNDEFINED, _ANY_NULL, _ANY_FALSE, _ANY_TRUE))
 
 
 def _skip_any(data: bytes, pos: int, size: int, max_depth: int) -> int:
@@ -278,7 +295,12 @@ def _skip_any(data: bytes, pos: int, size: int, max_depth: int) -> int:
             pos = _varint_skip(data, pos)
         elif tag == _ANY_FLOAT64 or tag == _ANY_BIGINT64:
             pos += 8
-        elif tag == _ANY_TRUE or tag == _ANY_FALSE or tag == _ANY_NULL or tag == _ANY_UNDEFINED:
+        elif (
+            tag == _ANY_TRUE
+            or tag == _ANY_FALSE
+            or tag == _ANY_NULL
+            or tag == _ANY_UNDEFINED
+        ):
             pass
         elif tag == _ANY_OBJECT or tag == _ANY_ARRAY:
             n = data[pos]
@@ -294,7 +316,9 @@ def _skip_any(data: bytes, pos: int, size: int, max_depth: int) -> int:
                 )
             stack.append((remaining, in_object))
             if len(stack) > max_depth:
-                raise MalformedUpdate(f"any value at byte {pos} nests deeper than {max_depth} levels")
+                raise MalformedUpdate(
+                    f"any value at byte {pos} nests deeper than {max_depth} levels"
+                )
             remaining = n
             in_object = is_obj
         elif tag == _ANY_BYTES:
@@ -302,25 +326,15 @@ def _skip_any(data: bytes, pos: int, size: int, max_depth: int) -> int:
         else:
             raise MalformedUpdate(f"unknown lib0 any type {tag} at byte {pos - 1}")
         if pos > size:  # a fixed-width number ran past the end
-            raise MalformedUpdate(f"any number runs past the end of the input (byte {size})")
+            raise MalformedUpdate(
+                f"any number runs past the end of the input (byte {size})"
+            )
 
 
 # ContentType type refs (Yjs typeRefs table): YArray, YMap, YText,
 # YXmlElement, YXmlFragment, YXmlHook, YXmlText.  3 and 5 carry a name.
 _MAX_TYPE_REF = 6
 _NAMED_TYPE_REFS = (3, 5)
-
-_CONTENT_NAMES = {
-    1: "ContentDeleted",
-    2: "ContentJSON",
-    3: "ContentBinary",
-    4: "ContentString",
-    5: "ContentEmbed",
-    6: "ContentFormat",
-    7: "ContentType",
-    8: "ContentAny",
-    9: "ContentDoc",
-}
 
 
 def _as_bytes(data: bytes) -> bytes:
@@ -342,13 +356,19 @@ def inspect_update(data: bytes, limits: Limits = _DEFAULT_LIMITS) -> UpdateShape
     data = _as_bytes(data)
     size = len(data)
     if size == 0:
-        raise MalformedUpdate("empty input at byte 0 (the empty update is b'\\x00\\x00')")
+        raise MalformedUpdate(
+            "empty input at byte 0 (the empty update is b'\\x00\\x00')"
+        )
     if size > limits.max_bytes:
-        raise MalformedUpdate(f"update of {size} bytes exceeds the limit of {limits.max_bytes} (at byte 0)")
+        raise MalformedUpdate(
+            f"update of {size} bytes exceeds the limit of {limits.max_bytes} (at byte 0)"
+        )
     try:
         return _parse_update(data, size, limits)
     except IndexError:
-        raise MalformedUpdate(f"update truncated: unexpected end of input at byte {size}") from None
+        raise MalformedUpdate(
+            f"update truncated: unexpected end of input at byte {size}"
+        ) from None
 
 
 def _parse_update(data: bytes, size: int, limits: Limits) -> UpdateShape:
@@ -357,6 +377,7 @@ def _parse_update(data: bytes, size: int, limits: Limits) -> UpdateShape:
     max_depth = limits.max_any_depth
     skip_string = _skip_string
     skip_any = _skip_any
+    no_payload = _ANY_NO_PAYLOAD
 
     clients: dict[int, tuple[int, int]] = {}
     seen: set[int] = set()
@@ -370,7 +391,9 @@ def _parse_update(data: bytes, size: int, limits: Limits) -> UpdateShape:
     if num_clients >= 0x80:
         num_clients, pos = vt(data, pos, num_clients)
     if num_clients > limits.max_clients:
-        raise MalformedUpdate(f"update lists {num_clients} clients at byte 0, limit is {limits.max_clients}")
+        raise MalformedUpdate(
+            f"update lists {num_clients} clients at byte 0, limit is {limits.max_clients}"
+        )
     if num_clients * 4 > size - pos:  # numStructs, client, clock, >= 1 struct
         raise MalformedUpdate(
             f"update declares {num_clients} clients at byte 0; they cannot fit in the {size - pos} bytes that remain"
@@ -398,9 +421,13 @@ def _parse_update(data: bytes, size: int, limits: Limits) -> UpdateShape:
             )
         struct_count += num_structs
         if struct_count > max_structs:
-            raise MalformedUpdate(f"update holds more than {max_structs} structs (at byte {header})")
+            raise MalformedUpdate(
+                f"update holds more than {max_structs} structs (at byte {header})"
+            )
         if client in seen:
-            raise MalformedUpdate(f"client {client} appears twice in the struct section (byte {header})")
+            raise MalformedUpdate(
+                f"client {client} appears twice in the struct section (byte {header})"
+            )
         seen.add(client)
 
         first = -1  # start of the first non-Skip struct
@@ -412,18 +439,24 @@ def _parse_update(data: bytes, size: int, limits: Limits) -> UpdateShape:
             ref = info & 0x1F
             if ref == 0 or ref == 10:  # GC / Skip: varUint(len)
                 if info != ref:
-                    raise MalformedUpdate(f"{'GC' if ref == 0 else 'Skip'} struct at byte {spos} has info bits {info:#x}")
+                    raise MalformedUpdate(
+                        f"{'GC' if ref == 0 else 'Skip'} struct at byte {spos} has info bits {info:#x}"
+                    )
                 length = data[pos]
                 pos += 1
                 if length >= 0x80:
                     length, pos = vt(data, pos, length)
                 if length == 0:
-                    raise MalformedUpdate(f"zero-length {'GC' if ref == 0 else 'Skip'} struct at byte {spos}")
+                    raise MalformedUpdate(
+                        f"zero-length {'GC' if ref == 0 else 'Skip'} struct at byte {spos}"
+                    )
                 if ref == 10:
                     clock += length
                     continue
             elif ref > 9:
-                raise MalformedUpdate(f"unknown struct content ref {ref} at byte {spos}")
+                raise MalformedUpdate(
+                    f"unknown struct content ref {ref} at byte {spos}"
+                )
             else:
                 # ---- Item ----
                 if info & 0x80:  # origin: ID
@@ -468,7 +501,9 @@ def _parse_update(data: bytes, size: int, limits: Limits) -> UpdateShape:
                         if b >= 0x80:
                             b, pos = vt(data, pos, b)
                     else:
-                        raise MalformedUpdate(f"parent info flag {flag} (not 0/1) at byte {pos - 1}")
+                        raise MalformedUpdate(
+                            f"parent info flag {flag} (not 0/1) at byte {pos - 1}"
+                        )
                     if info & 0x20:  # parentSub: map key (inlined varString)
                         n = data[pos]
                         pos += 1
@@ -487,7 +522,9 @@ def _parse_update(data: bytes, size: int, limits: Limits) -> UpdateShape:
                     if n >= 0x80:
                         n, pos = vt(data, pos, n)
                     if n == 0:
-                        raise MalformedUpdate(f"ContentAny with no values (zero-length struct) at byte {spos}")
+                        raise MalformedUpdate(
+                            f"ContentAny with no values (zero-length struct) at byte {spos}"
+                        )
                     if n > size - pos:
                         raise MalformedUpdate(
                             f"ContentAny at byte {spos} declares {n} values but only {size - pos} bytes remain"
@@ -511,29 +548,41 @@ def _parse_update(data: bytes, size: int, limits: Limits) -> UpdateShape:
                             pos += 5
                         elif tag == 123 or tag == 122:  # float64, bigint64
                             pos += 9
-                        elif 126 <= tag <= 127 or 120 <= tag <= 121:  # null, undefined, true, false
+                        elif tag in no_payload:  # undefined, null, false, true
                             pos += 1
                         else:
                             pos = skip_any(data, pos, size, max_depth)
                     if pos > size:
-                        raise MalformedUpdate(f"ContentAny at byte {spos} runs past the end of the input")
+                        raise MalformedUpdate(
+                            f"ContentAny at byte {spos} runs past the end of the input"
+                        )
                     length = n
                 elif ref == 4:  # ContentString
                     length, pos = _string_units(data, pos, size)
                     if length == 0:
-                        raise MalformedUpdate(f"empty ContentString (zero-length struct) at byte {spos}")
+                        raise MalformedUpdate(
+                            f"empty ContentString (zero-length struct) at byte {spos}; "
+                            "pycrdt writes these after a Text edit at a byte offset "
+                            "inside a multi-byte character"
+                        )
                 elif ref == 1:  # ContentDeleted: varUint(len)
                     length = data[pos]
                     pos += 1
                     if length >= 0x80:
                         length, pos = vt(data, pos, length)
                     if length == 0:
-                        raise MalformedUpdate(f"zero-length ContentDeleted at byte {spos}")
+                        raise MalformedUpdate(
+                            f"zero-length ContentDeleted at byte {spos}; pycrdt writes "
+                            "these after a Text edit at a byte offset inside a "
+                            "multi-byte character"
+                        )
                 elif ref == 7:  # ContentType: typeRef [name]
                     type_ref = data[pos]
                     pos += 1
                     if type_ref > _MAX_TYPE_REF:
-                        raise MalformedUpdate(f"unknown type ref {type_ref} at byte {pos - 1}")
+                        raise MalformedUpdate(
+                            f"unknown type ref {type_ref} at byte {pos - 1}"
+                        )
                     if type_ref in _NAMED_TYPE_REFS:
                         pos = skip_string(data, pos, size, "XML node name")
                     has_types = True
@@ -544,7 +593,9 @@ def _parse_update(data: bytes, size: int, limits: Limits) -> UpdateShape:
                     if n >= 0x80:
                         n, pos = vt(data, pos, n)
                     if n == 0:
-                        raise MalformedUpdate(f"ContentJSON with no values (zero-length struct) at byte {spos}")
+                        raise MalformedUpdate(
+                            f"ContentJSON with no values (zero-length struct) at byte {spos}"
+                        )
                     if n > size - pos:
                         raise MalformedUpdate(
                             f"ContentJSON at byte {spos} declares {n} values but only {size - pos} bytes remain"
@@ -572,7 +623,9 @@ def _parse_update(data: bytes, size: int, limits: Limits) -> UpdateShape:
             clock += length
             last_end = clock
         if clock > _CLOCK_LIMIT:
-            raise MalformedUpdate(f"client {client} at byte {header}: clock runs past 2**53")
+            raise MalformedUpdate(
+                f"client {client} at byte {header}: clock runs past 2**53"
+            )
         if first >= 0:
             clients[client] = (first, last_end)
 
@@ -601,7 +654,9 @@ def _parse_update(data: bytes, size: int, limits: Limits) -> UpdateShape:
         if client >= 0x80:
             client, pos = vt(data, pos, client)
         if client in ds_seen:
-            raise MalformedUpdate(f"client {client} appears twice in the delete set (byte {header})")
+            raise MalformedUpdate(
+                f"client {client} appears twice in the delete set (byte {header})"
+            )
         ds_seen.add(client)
         n = data[pos]
         pos += 1
@@ -614,7 +669,9 @@ def _parse_update(data: bytes, size: int, limits: Limits) -> UpdateShape:
             )
         ranges += n
         if ranges > max_ranges:
-            raise MalformedUpdate(f"delete set holds more than {max_ranges} ranges (at byte {header})")
+            raise MalformedUpdate(
+                f"delete set holds more than {max_ranges} ranges (at byte {header})"
+            )
         for _ in range(n):
             rpos = pos
             clock = data[pos]
@@ -628,9 +685,13 @@ def _parse_update(data: bytes, size: int, limits: Limits) -> UpdateShape:
             if length == 0:
                 raise MalformedUpdate(f"zero-length delete range at byte {rpos}")
             if clock + length > _CLOCK_LIMIT:
-                raise MalformedUpdate(f"delete range at byte {rpos} runs past clock 2**53")
+                raise MalformedUpdate(
+                    f"delete range at byte {rpos} runs past clock 2**53"
+                )
     if pos != size:
-        raise MalformedUpdate(f"{size - pos} trailing bytes after the delete set at byte {pos}")
+        raise MalformedUpdate(
+            f"{size - pos} trailing bytes after the delete set at byte {pos}"
+        )
     if ds_seen and len(seen | ds_seen) > limits.max_clients:
         raise MalformedUpdate(
             f"update names more than {limits.max_clients} distinct clients (delete set at byte {ds_start})"
@@ -643,15 +704,21 @@ def _parse_update(data: bytes, size: int, limits: Limits) -> UpdateShape:
     )
 
 
-def inspect_state_vector(data: bytes, limits: Limits = _DEFAULT_LIMITS) -> dict[int, int]:
+def inspect_state_vector(
+    data: bytes, limits: Limits = _DEFAULT_LIMITS
+) -> dict[int, int]:
     """Parse a Yjs state vector (``varUint(n)`` then ``n`` x ``(client,
     clock)``) strictly; return ``{client: clock}``."""
     data = _as_bytes(data)
     size = len(data)
     if size == 0:
-        raise MalformedUpdate("empty input at byte 0 (the empty state vector is b'\\x00')")
+        raise MalformedUpdate(
+            "empty input at byte 0 (the empty state vector is b'\\x00')"
+        )
     if size > limits.max_bytes:
-        raise MalformedUpdate(f"state vector of {size} bytes exceeds the limit of {limits.max_bytes} (at byte 0)")
+        raise MalformedUpdate(
+            f"state vector of {size} bytes exceeds the limit of {limits.max_bytes} (at byte 0)"
+        )
     vt = _varuint_tail
     try:
         n = data[0]
@@ -663,7 +730,9 @@ def inspect_state_vector(data: bytes, limits: Limits = _DEFAULT_LIMITS) -> dict[
                 f"state vector declares {n} clients at byte 0; they cannot fit in the {size - pos} bytes that remain"
             )
         if n > limits.max_clients:
-            raise MalformedUpdate(f"state vector lists {n} clients at byte 0, limit is {limits.max_clients}")
+            raise MalformedUpdate(
+                f"state vector lists {n} clients at byte 0, limit is {limits.max_clients}"
+            )
         state: dict[int, int] = {}
         for _ in range(n):
             entry = pos
@@ -676,12 +745,18 @@ def inspect_state_vector(data: bytes, limits: Limits = _DEFAULT_LIMITS) -> dict[
             if clock >= 0x80:
                 clock, pos = vt(data, pos, clock)
             if client in state:
-                raise MalformedUpdate(f"client {client} appears twice in the state vector (byte {entry})")
+                raise MalformedUpdate(
+                    f"client {client} appears twice in the state vector (byte {entry})"
+                )
             state[client] = clock
     except IndexError:
-        raise MalformedUpdate(f"state vector truncated: unexpected end of input at byte {size}") from None
+        raise MalformedUpdate(
+            f"state vector truncated: unexpected end of input at byte {size}"
+        ) from None
     if pos != size:
-        raise MalformedUpdate(f"{size - pos} trailing bytes after the state vector at byte {pos}")
+        raise MalformedUpdate(
+            f"{size - pos} trailing bytes after the state vector at byte {pos}"
+        )
     return state
 
 
@@ -702,7 +777,9 @@ def encode_state_vector(state: Mapping[int, int]) -> bytes:
     for client in sorted(state, reverse=True):
         clock = state[client]
         if not 0 <= client <= _MAX_SAFE or not 0 <= clock <= _MAX_SAFE:
-            raise ValueError(f"state vector entry {client}: {clock} is outside 0..2**53-1")
+            raise ValueError(
+                f"state vector entry {client}: {clock} is outside 0..2**53-1"
+            )
         _write_varuint(out, client)
         _write_varuint(out, clock)
     return bytes(out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 import uuid
 from collections.abc import Iterator
@@ -121,3 +122,35 @@ async def test_compaction_keeps_pending_updates_across_restart(tmp_path: Path) -
         for change in changes:
             fresh.apply(change["update"])
         assert fresh.state() == after["fields"]
+
+
+async def test_a_failed_commit_answers_503_and_changes_nothing(api: Any, config: Config) -> None:
+    """A real SQLite failure (a trigger aborts the transaction) during a push."""
+    dev = api()
+    kept, doomed = str(uuid.uuid4()), str(uuid.uuid4())
+    rep = Replica()
+    await dev.push("activity", [{"record_id": kept, "bu": "bu1", "update": rep.set(jobdesc="before")}])
+    with sqlite3.connect(config.db) as db:
+        db.execute(f"CREATE TRIGGER boom BEFORE INSERT ON log WHEN NEW.record_id = '{doomed}'"
+                   " BEGIN SELECT RAISE(ABORT, 'disk on fire'); END")
+    lost = rep.set(remarks="never acknowledged")
+    resp = await dev.client.post(
+        "/api/v1/sync/activity/sync", headers=dev.headers(),
+        json={"items": [{"record_id": kept, "update": b64(lost)},
+                        {"record_id": doomed, "bu": "bu1", "update": b64(Replica().set(jobdesc="x"))}]},
+    )
+    assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+    assert (await resp.json())["error"]["code"] == "storage_unavailable"
+    with sqlite3.connect(config.db) as db:
+        db.execute("DROP TRIGGER boom")
+    # neither item was kept, in storage or in memory
+    record = await (await dev.client.get(f"/api/v1/records/activity/{kept}", headers=dev.headers())).json()
+    assert record["fields"] == {"jobdesc": "before"} and record["version"] == 1
+    assert (await dev.client.get(f"/api/v1/records/activity/{doomed}", headers=dev.headers())).status == 404
+    catch_up = await dev.push("activity", [{"record_id": kept, "state_vector": Replica().doc.get_state()}])
+    fresh = Replica()
+    fresh.apply(catch_up[0]["update"])
+    assert fresh.state() == {"jobdesc": "before"}
+    # the retry succeeds
+    retry = await dev.push("activity", [{"record_id": kept, "update": lost}])
+    assert retry[0]["status"] == "merged" and retry[0]["version"] == 2

@@ -12,8 +12,9 @@ from __future__ import annotations
 import random
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pycrdt
 import pytest
@@ -48,7 +49,9 @@ def vs(s: str | bytes) -> bytes:
     return vu(len(b)) + b
 
 
-def one_client(structs: bytes, n: int = 1, client: int = 7, clock: int = 0, ds: bytes = b"\x00") -> bytes:
+def one_client(
+    structs: bytes, n: int = 1, client: int = 7, clock: int = 0, ds: bytes = b"\x00"
+) -> bytes:
     return b"\x01" + vu(n) + vu(client) + vu(clock) + structs + ds
 
 
@@ -67,8 +70,9 @@ def skip(length: int) -> bytes:
 
 def record_update() -> bytes:
     """A 12-field activity record, all fields written in one transaction."""
-    doc = Doc(client_id=1234567890)
-    doc["fields"] = fields = Map()
+    doc: Doc[Any] = Doc(client_id=1234567890)
+    fields: Map[Any] = Map()
+    doc["fields"] = fields
     with doc.transaction():
         fields.update(
             {
@@ -109,7 +113,9 @@ def test_corpus_is_present_and_documented() -> None:
 @pytest.mark.parametrize("path", corpus_files(), ids=lambda p: p.name)
 def test_hostile_input_is_rejected_fast_and_small(path: Path) -> None:
     data = path.read_bytes()
-    parse: Callable[[bytes], object] = inspect_state_vector if path.suffix == ".sv" else inspect_update
+    parse: Callable[[bytes], object] = (
+        inspect_state_vector if path.suffix == ".sv" else inspect_update
+    )
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()
@@ -142,7 +148,9 @@ def test_malformed_update_is_a_value_error() -> None:
 def test_empty_update_and_state_vector() -> None:
     shape = inspect_update(b"\x00\x00")
     assert shape.is_empty()
-    assert shape == UpdateShape(clients={}, struct_count=0, delete_ranges=0, has_nested_types=False)
+    assert shape == UpdateShape(
+        clients={}, struct_count=0, delete_ranges=0, has_nested_types=False
+    )
     assert shape.adds_beyond({}) == []
     assert inspect_state_vector(b"\x00") == {}
     assert encode_state_vector({}) == b"\x00"
@@ -172,12 +180,16 @@ def test_varuint_boundaries() -> None:
     # the largest client id and clock lib0 can carry (53 bits) is fine ...
     ok = b"\x00\x01" + vu(MAX_SAFE) + b"\x01" + vu(MAX_SAFE - 1) + b"\x01"
     assert inspect_update(ok).delete_ranges == 1
-    assert inspect_state_vector(b"\x01" + vu(MAX_SAFE) + vu(MAX_SAFE)) == {MAX_SAFE: MAX_SAFE}
+    assert inspect_state_vector(b"\x01" + vu(MAX_SAFE) + vu(MAX_SAFE)) == {
+        MAX_SAFE: MAX_SAFE
+    }
     # ... one more is not
     with pytest.raises(MalformedUpdate, match="53 bits"):
         inspect_state_vector(b"\x01" + vu(MAX_SAFE + 1) + b"\x00")
     # a range ending exactly at 2**53 is fine, one past is not
-    assert inspect_update(b"\x00\x01\x07\x01" + vu(MAX_SAFE) + b"\x01").delete_ranges == 1
+    assert (
+        inspect_update(b"\x00\x01\x07\x01" + vu(MAX_SAFE) + b"\x01").delete_ranges == 1
+    )
     with pytest.raises(MalformedUpdate, match="2\\*\\*53"):
         inspect_update(b"\x00\x01\x07\x01" + vu(MAX_SAFE) + b"\x02")
     # non-canonical but short varUints are read like lib0 reads them
@@ -227,7 +239,11 @@ def test_any_depth_limit() -> None:
         b"\x7f", b"\x7e", b"\x7d\x85\x01", b"\x7d\xc5\x01", b"\x7c\x00\x00\x80\x3f",
         b"\x7b" + bytes(8), b"\x7a" + bytes(8), b"\x79", b"\x78", b"\x77" + vs("é"), b"\x74" + vs(b"\x00\xff"),
     ]  # fmt: skip
-    obj = b"\x76" + vu(len(scalars)) + b"".join(vs(f"k{i}") + v for i, v in enumerate(scalars))
+    obj = (
+        b"\x76"
+        + vu(len(scalars))
+        + b"".join(vs(f"k{i}") + v for i, v in enumerate(scalars))
+    )
     value = b"\x75\x02" + obj + b"\x75\x00"
     assert inspect_update(one_client(any_item(value + obj, n=2))).clients == {7: (0, 2)}
 
@@ -275,15 +291,19 @@ def test_bytes_like_input() -> None:
 
 def test_encode_state_vector() -> None:
     assert encode_state_vector({7: 5}) == b"\x01\x07\x05"
-    assert encode_state_vector({1: 2, 300: 1 << 40}) == b"\x02" + vu(300) + vu(1 << 40) + b"\x01\x02"
+    assert (
+        encode_state_vector({1: 2, 300: 1 << 40})
+        == b"\x02" + vu(300) + vu(1 << 40) + b"\x01\x02"
+    )
     state = {MAX_SAFE: 0, 0: MAX_SAFE, 5: 128}
     assert inspect_state_vector(encode_state_vector(state)) == state
     for bad in ({-1: 0}, {0: -1}, {MAX_SAFE + 1: 0}, {0: MAX_SAFE + 1}):
         with pytest.raises(ValueError):
             encode_state_vector(bad)
     # pycrdt reads what we write
-    doc = Doc(client_id=11)
-    doc["fields"] = fields = Map()
+    doc: Doc[Any] = Doc(client_id=11)
+    fields: Map[Any] = Map()
+    doc["fields"] = fields
     fields["a"] = 1
     assert pycrdt.get_state(doc.get_update()) == encode_state_vector({11: 1})
 
@@ -291,10 +311,11 @@ def test_encode_state_vector() -> None:
 def test_every_content_kind_pycrdt_writes() -> None:
     """ContentAny (all any types), Binary-in-any, Type (Map/Array/Text/Xml*),
     String, Format, Embed, Deleted, Doc (subdocument), GC and delete sets."""
-    doc = Doc(client_id=4242)
+    doc: Doc[Any] = Doc(client_id=4242)
     seen: list[bytes] = []
     doc.observe(lambda event: seen.append(event.update))
-    doc["fields"] = fields = Map()
+    fields: Map[Any] = Map()
+    doc["fields"] = fields
     fields["dict"] = {"a": [1, {"b": None}], "c": "x", "d": True, "e": 1.5}
     fields["bytes"] = b"\x00\x01"
     fields["nested"] = Map({"inner": Array([1, "two", Text("three")])})
@@ -311,15 +332,18 @@ def test_every_content_kind_pycrdt_writes() -> None:
         inspect_update(update)
     full = inspect_update(doc.get_update())
     assert full.has_nested_types
-    assert dict(full.clients) == {4242: (0, inspect_state_vector(doc.get_state())[4242])}
+    assert dict(full.clients) == {
+        4242: (0, inspect_state_vector(doc.get_state())[4242])
+    }
     assert full.delete_ranges >= 1
 
 
 def test_merge_of_non_contiguous_updates_has_skip_structs() -> None:
-    doc = Doc(client_id=77)
+    doc: Doc[Any] = Doc(client_id=77)
     log: list[bytes] = []
     doc.observe(lambda event: log.append(event.update))
-    doc["fields"] = fields = Map()
+    fields: Map[Any] = Map()
+    doc["fields"] = fields
     for value in ("a", "b", "c", "d"):
         fields["k"] = value
     merged = pycrdt.merge_updates(log[0], log[2])
@@ -337,7 +361,7 @@ def test_pycrdt_mid_character_text_edit_is_refused() -> None:
     update is corrupt: the inserted "x" references itself as right origin and
     never integrates elsewhere).  Applying such zero-length structs to a doc
     that already holds that clock panics yrs, so the gate refuses them."""
-    doc = Doc(client_id=8)
+    doc: Doc[Any] = Doc(client_id=8)
     doc["body"] = body = Text()
     body += "é"
     body.insert(1, "x")  # byte 1 is inside "é"
@@ -359,7 +383,9 @@ def test_record_parse_is_cheap() -> None:
     for _ in range(rounds):
         inspect_update(update)
     per_parse = (time.perf_counter() - start) / rounds
-    assert per_parse < 300e-6, f"{per_parse * 1e6:.1f} us per parse of {len(update)} bytes"
+    assert per_parse < 300e-6, (
+        f"{per_parse * 1e6:.1f} us per parse of {len(update)} bytes"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -380,21 +406,22 @@ scalars = st.one_of(
 any_values = st.recursive(
     scalars,
     lambda inner: st.one_of(
-        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=4), inner, max_size=3)
+        st.lists(inner, max_size=3),
+        st.dictionaries(st.text(max_size=4), inner, max_size=3),
     ),
     max_leaves=8,
 )
 
 
-def new_doc(client_id: int) -> Doc:
-    doc = Doc(client_id=client_id)
+def new_doc(client_id: int) -> Doc[Any]:
+    doc: Doc[Any] = Doc(client_id=client_id)
     doc["fields"] = Map()
     doc["items"] = Array()
     doc["body"] = Text()
     return doc
 
 
-def state_of(doc: Doc) -> dict[int, int]:
+def state_of(doc: Doc[Any]) -> dict[int, int]:
     raw = doc.get_state()
     state = inspect_state_vector(raw)
     assert inspect_state_vector(encode_state_vector(state)) == state
@@ -406,7 +433,7 @@ def byte_offset(text: str, index: int) -> int:
     return len(text[:index].encode())
 
 
-def check_full_update(doc: Doc) -> None:
+def check_full_update(doc: Doc[Any]) -> None:
     shape = inspect_update(doc.get_update())
     state = state_of(doc)
     assert {c: end for c, (_, end) in shape.clients.items()} == state
@@ -425,12 +452,24 @@ def merged_range(shapes: list[UpdateShape]) -> dict[int, tuple[int, int]]:
     return out
 
 
-def do_local_op(doc: Doc, data: st.DataObject) -> None:
+def do_local_op(doc: Doc[Any], data: st.DataObject) -> None:
     fields = doc.get("fields", type=Map)
     items = doc.get("items", type=Array)
     body = doc.get("body", type=Text)
     kind = data.draw(
-        st.sampled_from(["set", "set", "set_nested", "edit_nested", "del", "arr_ins", "arr_del", "txt_ins", "txt_del"])
+        st.sampled_from(
+            [
+                "set",
+                "set",
+                "set_nested",
+                "edit_nested",
+                "del",
+                "arr_ins",
+                "arr_del",
+                "txt_ins",
+                "txt_del",
+            ]
+        )
     )
     if kind == "set":
         fields[data.draw(st.sampled_from(KEYS))] = data.draw(any_values)
@@ -466,7 +505,10 @@ def do_local_op(doc: Doc, data: st.DataObject) -> None:
     elif kind == "txt_ins":
         text = str(body)
         index = data.draw(st.integers(0, len(text)))
-        body.insert(byte_offset(text, index), data.draw(st.text(TEXT_ALPHABET, min_size=1, max_size=5)))
+        body.insert(
+            byte_offset(text, index),
+            data.draw(st.text(TEXT_ALPHABET, min_size=1, max_size=5)),
+        )
     else:  # txt_del
         text = str(body)
         if text:
@@ -480,7 +522,10 @@ def do_local_op(doc: Doc, data: st.DataObject) -> None:
 def test_everything_pycrdt_writes_is_accepted(data: st.DataObject) -> None:
     docs = [new_doc(c) for c in CLIENT_IDS]
     logs: list[list[bytes]] = [[] for _ in docs]
-    subs = [doc.observe(lambda event, log=log: log.append(event.update)) for doc, log in zip(docs, logs)]
+    subs = [
+        doc.observe(lambda event, log=log: log.append(event.update))
+        for doc, log in zip(docs, logs)
+    ]
 
     for _ in range(data.draw(st.integers(1, 30))):
         i = data.draw(st.integers(0, len(docs) - 1))
@@ -518,10 +563,16 @@ def test_everything_pycrdt_writes_is_accepted(data: st.DataObject) -> None:
             inspect_update(doc.get_update(other.get_state()))
         if len(log) >= 2:
             # non-contiguous subsets make merge_updates write Skip structs
-            picks = data.draw(st.lists(st.integers(0, len(log) - 1), min_size=2, max_size=5, unique=True))
+            picks = data.draw(
+                st.lists(
+                    st.integers(0, len(log) - 1), min_size=2, max_size=5, unique=True
+                )
+            )
             parts = [log[k] for k in sorted(picks)]
             merged = inspect_update(pycrdt.merge_updates(*parts))
-            assert dict(merged.clients) == merged_range([inspect_update(p) for p in parts])
+            assert dict(merged.clients) == merged_range(
+                [inspect_update(p) for p in parts]
+            )
             inspect_update(pycrdt.merge_updates(*log[::2]))
     everything = [u for log in logs for u in log]
     if everything:
@@ -539,22 +590,36 @@ def valid_updates() -> list[bytes]:
     out: list[bytes] = [record_update(), b"\x00\x00"]
     docs = [new_doc(c) for c in CLIENT_IDS]
     logs: list[list[bytes]] = [[] for _ in docs]
-    subs = [doc.observe(lambda event, log=log: log.append(event.update)) for doc, log in zip(docs, logs)]
+    subs = [
+        doc.observe(lambda event, log=log: log.append(event.update))
+        for doc, log in zip(docs, logs)
+    ]
     for step in range(60):
         doc = docs[step % 3]
-        fields, items, body = doc.get("fields", type=Map), doc.get("items", type=Array), doc.get("body", type=Text)
+        fields, items, body = (
+            doc.get("fields", type=Map),
+            doc.get("items", type=Array),
+            doc.get("body", type=Text),
+        )
         choice = rng.randrange(7)
         if choice == 0:
-            fields[rng.choice(KEYS)] = rng.choice([None, True, 3, -7, 2.5, "välue", b"\x01", [1, {"a": "b"}]])
+            fields[rng.choice(KEYS)] = rng.choice(
+                [None, True, 3, -7, 2.5, "välue", b"\x01", [1, {"a": "b"}]]
+            )
         elif choice == 1:
             fields[rng.choice(KEYS)] = Map({"x": rng.random(), "t": Text("hé")})
         elif choice == 2:
-            items.insert(rng.randint(0, len(items)), rng.choice(["x", 1, None, {"k": [1.5]}]))
+            items.insert(
+                rng.randint(0, len(items)), rng.choice(["x", 1, None, {"k": [1.5]}])
+            )
         elif choice == 3 and len(items):
             del items[rng.randrange(len(items))]
         elif choice == 4:
             text = str(body)
-            body.insert(byte_offset(text, rng.randint(0, len(text))), rng.choice(["ab", "é", "😀x", "中"]))
+            body.insert(
+                byte_offset(text, rng.randint(0, len(text))),
+                rng.choice(["ab", "é", "😀x", "中"]),
+            )
         elif choice == 5 and str(body):
             text = str(body)
             start = rng.randrange(len(text))
@@ -580,7 +645,9 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
             buf[pos] ^= 1 << rng.randrange(8)
         elif op == 1 and buf:  # set a byte to an interesting value
             pos = min(pos, len(buf) - 1)
-            buf[pos] = rng.choice((0x00, 0x01, 0x7F, 0x80, 0xFF, 0x0A, 0x75, 0x76, rng.randrange(256)))
+            buf[pos] = rng.choice(
+                (0x00, 0x01, 0x7F, 0x80, 0xFF, 0x0A, 0x75, 0x76, rng.randrange(256))
+            )
         elif op == 2:  # truncate
             del buf[pos:]
         elif op == 3:  # insert bytes
@@ -600,7 +667,14 @@ def fuzz(seed: int, rounds: int) -> dict[str, int]:
     corpus = valid_updates()
     for update in corpus:
         inspect_update(update)
-    counts = {"mutants": 0, "rejected": 0, "accepted": 0, "applied": 0, "pycrdt_error": 0, "pycrdt_panic": 0}
+    counts = {
+        "mutants": 0,
+        "rejected": 0,
+        "accepted": 0,
+        "applied": 0,
+        "pycrdt_error": 0,
+        "pycrdt_panic": 0,
+    }
     for _ in range(rounds):
         mutant = mutate(rng, rng.choice(corpus))
         counts["mutants"] += 1
@@ -610,14 +684,14 @@ def fuzz(seed: int, rounds: int) -> dict[str, int]:
             counts["rejected"] += 1
             continue
         counts["accepted"] += 1
-        doc = Doc()
+        doc: Doc[Any] = Doc()
         try:
             doc.apply_update(mutant)
             doc.get_update()
             counts["applied"] += 1
-        except Exception:
+        except Exception:  # noqa: BLE001 - counting what pycrdt refuses
             counts["pycrdt_error"] += 1
-        except BaseException:  # pyo3 PanicException
+        except BaseException:  # noqa: BLE001 - pyo3 PanicException is a BaseException
             counts["pycrdt_panic"] += 1
     return counts
 
@@ -640,7 +714,10 @@ def test_random_bytes_only_raise_malformed_update(data: bytes) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.integers(0, MAX_SAFE), st.integers(0, MAX_SAFE), max_size=20), st.data())
+@given(
+    st.dictionaries(st.integers(0, MAX_SAFE), st.integers(0, MAX_SAFE), max_size=20),
+    st.data(),
+)
 def test_state_vector_mutations(state: dict[int, int], data: st.DataObject) -> None:
     encoded = encode_state_vector(state)
     assert inspect_state_vector(encoded) == state
