@@ -26,7 +26,8 @@ What it does
    every phase; server CPU (utime+stime of all its threads, ``/proc/<pid>/stat``) per phase,
    reported as CPU-µs per record-update. Load-generator CPU is reported too: the clients
    share the machine's cores with the server.
-5. ``--profile``: samples the server with py-spy during the 100-item-batch phase and prints
+5. ``--profile``: samples the server with py-spy (``py-spy record --format raw``, stacks kept in
+   ``bench/results/http_sync_profile.txt``) during the 100-item-batch phase (``--profile-batch``) and prints
    the top functions by own time plus a coarse "where the time goes" breakdown. py-spy's
    sampling itself costs CPU, so the throughput of a profiled run is lower.
 
@@ -943,7 +944,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.pull_limits = [int(x) for x in args.pull_limits.split(",") if x.strip()]
     if any(not 1 <= b <= 1000 for b in args.batch_sizes):
         p.error("batch sizes must be 1..1000")
-    default_name = "http_sync_profile.json" if args.profile else "http_sync.json"
+    suffix = "" if args.profile_batch == 100 else f"_b{args.profile_batch}"
+    default_name = f"http_sync_profile{suffix}.json" if args.profile else "http_sync.json"
     args.out = args.out or RESULTS_DIR / default_name
     return args
 
@@ -973,7 +975,8 @@ def run_ingest(server: Server, args: argparse.Namespace, rss_log: dict[str, floa
         spec = phase_spec(server, args, f"b{batch}", batch, args.duration, number)
         profiler = None
         if args.profile and batch == args.profile_batch:
-            profiler = Profiler(server.pid, RESULTS_DIR / "http_sync_profile.txt")
+            suffix = "" if batch == 100 else f"_b{batch}"
+            profiler = Profiler(server.pid, RESULTS_DIR / f"http_sync_profile{suffix}.txt")
         print(f"phase batch={batch}: {spec.clients} processes x {spec.devices} devices,"
               f" {spec.items_per_device} updates pre-generated per device", flush=True)
         result = run_phase(server, spec, profiler)
@@ -984,7 +987,7 @@ def run_ingest(server: Server, args: argparse.Namespace, rss_log: dict[str, floa
               f" (generation took {result.generation_s:.1f} s)", flush=True)
         if profiler is not None:
             profile_summary = summarize_profile(profiler.out, result.elapsed_s, profiler.rate)
-            profile_summary["batch"] = batch
+            profile_summary.update(batch=batch, raw=str(profiler.out))
     return phases, profile_summary
 
 
@@ -1058,7 +1061,7 @@ def report(args: argparse.Namespace, phases: list[PhaseResult], load: dict[str, 
         print_catchup_table(load, catchup, args.catchup_goal)
     print("\nServer RSS (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in rss_log.items()))
     if profile_summary is not None:
-        print_profile(profile_summary, RESULTS_DIR / "http_sync_profile.txt")
+        print_profile(profile_summary, Path(profile_summary["raw"]))
     print(f"\n{'FAILED' if failed else 'ok'} — total run {run_s:.0f} s; results in {args.out}")
     payload = {
         "machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]},

@@ -6,12 +6,12 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from storage import open_store
-from storage.types import NodeId
+from storage import Store, open_store
+from storage.types import NodeId, NodeInfo
 
 from . import ops_api, records_api, sync_api
 from .auth import TokenVerifier
@@ -32,9 +32,7 @@ MAX_CLIENT_ID = (1 << 53) - 1
 
 
 def create_app(config: Config) -> web.Application:
-    app = web.Application(
-        middlewares=[json_errors], client_max_size=config.limits.max_body_bytes
-    )
+    app = web.Application(middlewares=[json_errors], client_max_size=config.limits.max_body_bytes)
     app.cleanup_ctx.append(_lifecycle(config))
     app.add_routes(sync_api.routes)
     app.add_routes(records_api.routes)
@@ -42,7 +40,7 @@ def create_app(config: Config) -> web.Application:
     return app
 
 
-def _lifecycle(config: Config):  # type: ignore[no-untyped-def]
+def _lifecycle(config: Config) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         store = open_store(config.db)
         await store.open()
@@ -67,7 +65,7 @@ def _lifecycle(config: Config):  # type: ignore[no-untyped-def]
     return lifecycle
 
 
-async def _services(config: Config, store, node) -> Services:  # type: ignore[no-untyped-def]
+async def _services(config: Config, store: Store, node: NodeInfo) -> Services:
     live = LiveRecords(store, node.client_id, max(config.cache_size, 2 * config.limits.max_items))
     owners = ClientOwners(store)
     await owners.load_server_ids()

@@ -33,7 +33,7 @@ class Principal:
 
 
 def is_valid_id(value: object) -> bool:
-    """Tenant, bu, user, device and record ids: short, printable, no separators that could smuggle."""
+    """Tenant, bu, user, device and record ids: short and printable, no path separators."""
     return isinstance(value, str) and _ID.match(value) is not None
 
 
@@ -77,7 +77,9 @@ def _principal(claims: dict[str, Any]) -> Principal:
 
 
 def _is_str_list(value: object) -> bool:
-    return isinstance(value, list) and len(value) <= 10_000 and all(isinstance(v, str) for v in value)
+    return (
+        isinstance(value, list) and len(value) <= 10_000 and all(isinstance(v, str) for v in value)
+    )
 
 
 def _unauthorized(message: str) -> ApiError:
@@ -113,8 +115,14 @@ def mint_token(
     algorithm: str = "HS256",
 ) -> str:
     now = int(time.time())
-    claims = {"sub": user, "tenant": tenant, "bus": bus, "roles": roles or [],
-              "iat": now, "exp": now + ttl_s}
+    claims = {
+        "sub": user,
+        "tenant": tenant,
+        "bus": bus,
+        "roles": roles or [],
+        "iat": now,
+        "exp": now + ttl_s,
+    }
     return jwt.encode(claims, secret, algorithm=algorithm)
 
 

@@ -99,7 +99,9 @@ def _welcome(args: argparse.Namespace, secret_source: str) -> str:
     """How to get a token and sync a first record, ready to paste."""
     record_id = str(uuid.uuid4())
     doc = records.new_doc()
-    doc.get(records.FIELDS_ROOT, type=Map).update({"jobdesc": "Check fire extinguishers", "priority": "HIGH"})
+    doc.get(records.FIELDS_ROOT, type=Map).update(
+        {"jobdesc": "Check fire extinguishers", "priority": "HIGH"}
+    )
     update = base64.b64encode(doc.get_update()).decode()
     db = f" --db {args.db}" if args.db != DEFAULT_DB else ""
     base = f"http://{args.host}:{args.port}"
@@ -116,7 +118,8 @@ Sync a first record (a Yjs update setting two fields of a task):
     -d '{body}'
 
 Pull what changed:
-  curl -s {base}/api/v1/sync/activity/changes -H "Authorization: Bearer $TOKEN" -H "Device-Id: phone-1"
+  curl -s {base}/api/v1/sync/activity/changes \\
+    -H "Authorization: Bearer $TOKEN" -H "Device-Id: phone-1"
 
 Read it back as JSON:
   curl -s {base}/api/v1/records/activity/{record_id} -H "Authorization: Bearer $TOKEN"
@@ -128,8 +131,16 @@ def _token(args: argparse.Namespace) -> None:
     bus = _split(args.bus)
     if not bus:
         sys.exit("--bus needs at least one bu id, or '*'")
-    print(mint_token(secret, tenant=args.tenant, user=args.user, bus=bus,
-                     roles=_split(args.roles), ttl_s=args.ttl))
+    print(
+        mint_token(
+            secret,
+            tenant=args.tenant,
+            user=args.user,
+            bus=bus,
+            roles=_split(args.roles),
+            ttl_s=args.ttl,
+        )
+    )
 
 
 def _compact(args: argparse.Namespace) -> None:
@@ -158,11 +169,15 @@ def _inspect(args: argparse.Namespace) -> None:
             print("\nhistory (newest last):")
             for entry in await store.record_log(key):
                 decisions = json.loads(entry.decisions)
-                print(f"  v{entry.version} {iso(entry.received_at)} {entry.origin}"
-                      f" by {entry.actor} ({entry.device or '-'}), {len(entry.update)} bytes")
+                print(
+                    f"  v{entry.version} {iso(entry.received_at)} {entry.origin}"
+                    f" by {entry.actor} ({entry.device or '-'}), {len(entry.update)} bytes"
+                )
                 for d in decisions:
-                    print(f"    decision {d['rule']} on {d['field']}: kept {d['kept']!r},"
-                          f" refused {d['rejected']!r} - {d['reason']}")
+                    print(
+                        f"    decision {d['rule']} on {d['field']}: kept {d['kept']!r},"
+                        f" refused {d['rejected']!r} - {d['reason']}"
+                    )
             return 0
         finally:
             await store.close()

@@ -90,7 +90,9 @@ class ItemError(Exception):
 
 
 def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> bytes:
-    return json.dumps({"error": {"code": code, "message": message, "details": details or {}}}).encode()
+    return json.dumps(
+        {"error": {"code": code, "message": message, "details": details or {}}}
+    ).encode()
 
 
 def error_response(

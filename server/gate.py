@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 from pycrdt import Doc
 
@@ -20,6 +22,8 @@ from .config import Limits
 from .errors import ErrorCode, ItemError
 
 log = logging.getLogger(__name__)
+P = ParamSpec("P")
+T = TypeVar("T")
 
 _NEVER_CONTAIN = (KeyboardInterrupt, SystemExit, GeneratorExit, asyncio.CancelledError)
 
@@ -58,10 +62,10 @@ class UpdateGate:
             ) from None
 
 
-def contained(what: str, fn, *args):  # type: ignore[no-untyped-def]
+def contained(what: str, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """Run one pycrdt call; any failure, panics included, becomes DocFailed."""
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except _NEVER_CONTAIN:
         raise
     except BaseException as exc:  # noqa: BLE001 - the trust boundary: Rust panics are BaseException
@@ -69,16 +73,16 @@ def contained(what: str, fn, *args):  # type: ignore[no-untyped-def]
         raise DocFailed(f"{type(exc).__name__}: {exc}") from None
 
 
-def apply_update(doc: Doc, update: bytes) -> None:
+def apply_update(doc: Doc[Any], update: bytes) -> None:
     contained("apply_update", doc.apply_update, update)
 
 
-def diff(doc: Doc, state_vector: bytes) -> bytes:
+def diff(doc: Doc[Any], state_vector: bytes) -> bytes:
     result: bytes = contained("get_update", doc.get_update, state_vector)
     return result
 
 
-def state_of(doc: Doc) -> dict[int, int]:
+def state_of(doc: Doc[Any]) -> dict[int, int]:
     """The doc's state vector, decoded."""
     raw: bytes = contained("get_state", doc.get_state)
     return inspect_state_vector(raw, ParseLimits(max_bytes=1 << 24, max_clients=1 << 20))

@@ -31,7 +31,9 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except StorageUnavailable as exc:
         log.error("storage unavailable during %s %s: %s", request.method, request.path, exc)
         response = error_response(
-            503, ErrorCode.STORAGE_UNAVAILABLE, "storage is unavailable; nothing was saved, retry",
+            503,
+            ErrorCode.STORAGE_UNAVAILABLE,
+            "storage is unavailable; nothing was saved, retry",
             headers={"Retry-After": "1"},
         )
         return _counted(request, response, ErrorCode.STORAGE_UNAVAILABLE)

@@ -43,7 +43,10 @@ class Idempotency:
     async def exclusive(self, tenant: str, user: str, key: str) -> AsyncIterator[None]:
         """Serialize requests that share one key."""
         if not 0 < len(key) <= MAX_KEY_LEN or not key.isprintable():
-            raise ApiError(ErrorCode.BAD_REQUEST, f"Idempotency-Key must be 1-{MAX_KEY_LEN} printable characters")
+            raise ApiError(
+                ErrorCode.BAD_REQUEST,
+                f"Idempotency-Key must be 1-{MAX_KEY_LEN} printable characters",
+            )
         slot = (tenant, user, key)
         lock, users = self._locks.setdefault(slot, (asyncio.Lock(), [0]))
         users[0] += 1
@@ -67,7 +70,9 @@ class Idempotency:
             )
         return msgpack.unpackb(row.response, raw=False)
 
-    def record(self, tenant: str, user: str, key: str, digest: str, answer: Any) -> IdempotencyWrite:
+    def record(
+        self, tenant: str, user: str, key: str, digest: str, answer: Any
+    ) -> IdempotencyWrite:
         return IdempotencyWrite(
             tenant, user, key, digest, msgpack.packb(answer), time.time() + self._ttl
         )

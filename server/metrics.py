@@ -10,8 +10,10 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.items = Counter(
-            "fieldsync_push_items_total", "Pushed items by domain and result status",
-            ["domain", "status"], registry=r,
+            "fieldsync_push_items_total",
+            "Pushed items by domain and result status",
+            ["domain", "status"],
+            registry=r,
         )
         self.item_errors = Counter(
             "fieldsync_push_item_errors_total", "Push item errors by code", ["code"], registry=r
@@ -20,7 +22,10 @@ class Metrics:
             "fieldsync_decisions_total", "Compensations by rule", ["rule"], registry=r
         )
         self.push_seconds = Histogram(
-            "fieldsync_push_seconds", "Push request latency", ["domain"], registry=r,
+            "fieldsync_push_seconds",
+            "Push request latency",
+            ["domain"],
+            registry=r,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
         )
         self.pulled = Counter(

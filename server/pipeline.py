@@ -1,4 +1,6 @@
-"""The merge pipeline: decode -> authorize -> load -> apply -> constrain -> persist -> answer -> fan out.
+"""The merge pipeline.
+
+decode -> authorize -> load -> apply -> constrain -> persist -> answer -> fan out.
 
 `Pipeline.push` is the one path every device update takes (HTTP batch push today,
 the device socket and the Yjs socket later). The merge itself is pure CPU with no
@@ -208,7 +210,9 @@ class Pipeline:
         except DocFailed as exc:
             self.live.poison(rec)
             merge.batch.quarantine.append(self._quarantined(actor, c, str(exc)))
-            raise ItemError(ErrorCode.UPDATE_REJECTED, "the server could not apply this update") from None
+            raise ItemError(
+                ErrorCode.UPDATE_REJECTED, "the server could not apply this update"
+            ) from None
         delta = rec.take_captured()
         pending = bool(c.shape.adds_beyond(after_sv))
         fresh_pending = pending and digest(c.item.update) not in rec.pending
@@ -284,7 +288,9 @@ class Pipeline:
             except Exception:  # noqa: BLE001 - a failed compensation must not leave a half doc
                 self.live.poison(rec)
                 log.exception("compensation failed on %s", rec.key)
-                raise ItemError(ErrorCode.RECORD_UNAVAILABLE, "the record is reloading; retry") from None
+                raise ItemError(
+                    ErrorCode.RECORD_UNAVAILABLE, "the record is reloading; retry"
+                ) from None
             after = records.read_state(rec.doc, model)
         rec.state = after
         return rec.take_captured(), [c.decision() for c in corrections]
@@ -304,17 +310,32 @@ class Pipeline:
         principal = actor.principal
         entries = merge.batch.entries
         entries.append(
-            NewEntry(rec.key, bu, update, rec.version, str(actor.origin), principal.user, actor.device)
+            NewEntry(
+                rec.key, bu, update, rec.version, str(actor.origin), principal.user, actor.device
+            )
         )
         if compensation is not None:
             entries.append(
-                NewEntry(rec.key, bu, compensation, rec.version, str(constraints.Origin.SERVER),
-                         principal.user, actor.device, json.dumps(decisions))
+                NewEntry(
+                    rec.key,
+                    bu,
+                    compensation,
+                    rec.version,
+                    str(constraints.Origin.SERVER),
+                    principal.user,
+                    actor.device,
+                    json.dumps(decisions),
+                )
             )
         assert rec.state is not None
         merge.batch.records.append(
-            RecordWrite(rec.key, bu, rec.doc.get_state(),
-                        json.dumps(records.materialize(rec.state)), rec.version)
+            RecordWrite(
+                rec.key,
+                bu,
+                rec.doc.get_state(),
+                json.dumps(records.materialize(rec.state)),
+                rec.version,
+            )
         )
         merge.touched[rec.key] = rec
 
@@ -332,7 +353,9 @@ class Pipeline:
                 update = diff(rec.doc, item.state_vector)
             except DocFailed:
                 self.live.poison(rec)
-                raise ItemError(ErrorCode.RECORD_UNAVAILABLE, "the record is reloading; retry") from None
+                raise ItemError(
+                    ErrorCode.RECORD_UNAVAILABLE, "the record is reloading; retry"
+                ) from None
             if update == b"\x00\x00":
                 update = None
         result = ItemResult(item.record_id, status, rec.version, update, decisions)
@@ -364,8 +387,9 @@ class Pipeline:
             return
         now = time.time()
         committed = [
-            LogEntry(pos, e.key, e.bu, e.update, e.version, e.origin, e.actor, e.device,
-                     e.decisions, now)
+            LogEntry(
+                pos, e.key, e.bu, e.update, e.version, e.origin, e.actor, e.device, e.decisions, now
+            )
             for pos, e in zip(positions, batch.entries)
         ]
         for listener in self.listeners:

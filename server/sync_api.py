@@ -119,7 +119,7 @@ def _parse_item(index: int, item: Any, binary: bool) -> PushItem:
         raise bad(exc.message) from None
     if update is None and state_vector is None:
         raise bad("send an update, a state_vector, or both")
-    return PushItem(record_id, bu, update, state_vector)
+    return PushItem(str(record_id), bu, update, state_vector)
 
 
 def _optional_bytes(item: Mapping[str, Any], name: str, binary: bool) -> bytes | None:
@@ -173,8 +173,12 @@ def merge_page(entries: list[LogEntry]) -> list[dict[str, Any]]:
     for record_id, group in by_record.items():
         for update in _merged(group):
             page.append(
-                {"record_id": record_id, "bu": group[-1].bu,
-                 "version": max(e.version for e in group), "update": update}
+                {
+                    "record_id": record_id,
+                    "bu": group[-1].bu,
+                    "version": max(e.version for e in group),
+                    "update": update,
+                }
             )
     return page
 

@@ -28,9 +28,9 @@ class GroupPolicy:
 
 
 class GroupCommitter:
-    def __init__(self, write_group: WriteGroup, policy: GroupPolicy = GroupPolicy()) -> None:
+    def __init__(self, write_group: WriteGroup, policy: GroupPolicy | None = None) -> None:
         self._write_group = write_group
-        self._policy = policy
+        self._policy = policy or GroupPolicy()
         self._queue: asyncio.Queue[tuple[WriteBatch, asyncio.Future[list[Position]]]] = (
             asyncio.Queue()
         )
@@ -73,7 +73,7 @@ class GroupCommitter:
                     self._queue.task_done()
 
     def _drain(self, entries: int) -> list[tuple[WriteBatch, asyncio.Future[list[Position]]]]:
-        taken = []
+        taken: list[tuple[WriteBatch, asyncio.Future[list[Position]]]] = []
         policy = self._policy
         while not self._queue.empty() and len(taken) + 1 < policy.max_batches:
             if entries >= policy.max_entries:
@@ -83,9 +83,7 @@ class GroupCommitter:
             taken.append(item)
         return taken
 
-    async def _commit(
-        self, group: list[tuple[WriteBatch, asyncio.Future[list[Position]]]]
-    ) -> None:
+    async def _commit(self, group: list[tuple[WriteBatch, asyncio.Future[list[Position]]]]) -> None:
         try:
             positions = await self._write_group([batch for batch, _ in group])
         except Exception as exc:  # any database failure: nobody in the group is acknowledged

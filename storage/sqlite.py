@@ -47,9 +47,9 @@ _JOINED_COLUMNS = ", ".join(
 
 
 class SQLiteStore(Store):
-    def __init__(self, path: str | Path, policy: GroupPolicy = GroupPolicy()) -> None:
+    def __init__(self, path: str | Path, policy: GroupPolicy | None = None) -> None:
         self.path = Path(path)
-        self._policy = policy
+        self._policy = policy or GroupPolicy()
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._committer: GroupCommitter | None = None
@@ -179,8 +179,21 @@ class SQLiteStore(Store):
                 mine.append(Position(node, seq))
                 k = entry.key
                 rows.append(
-                    (node, seq, k.tenant, k.domain, k.record_id, entry.bu, entry.update,
-                     entry.version, entry.origin, entry.actor, entry.device, entry.decisions, now)
+                    (
+                        node,
+                        seq,
+                        k.tenant,
+                        k.domain,
+                        k.record_id,
+                        entry.bu,
+                        entry.update,
+                        entry.version,
+                        entry.origin,
+                        entry.actor,
+                        entry.device,
+                        entry.decisions,
+                        now,
+                    )
                 )
             positions.append(mine)
         return positions, rows
@@ -197,9 +210,19 @@ class SQLiteStore(Store):
                 f"INSERT INTO log ({_LOG_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", log_rows
             )
         records = [
-            (r.key.tenant, r.key.domain, r.key.record_id, r.bu, r.state_vector, r.materialized,
-             r.version, now, now)
-            for b in batches for r in b.records
+            (
+                r.key.tenant,
+                r.key.domain,
+                r.key.record_id,
+                r.bu,
+                r.state_vector,
+                r.materialized,
+                r.version,
+                now,
+                now,
+            )
+            for b in batches
+            for r in b.records
         ]
         if records:
             await conn.executemany(_UPSERT_RECORD, records)
@@ -212,7 +235,8 @@ class SQLiteStore(Store):
             )
         idem = [
             (i.tenant, i.user, i.key, i.request_hash, i.response, i.expires_at)
-            for b in batches if (i := b.idempotency) is not None
+            for b in batches
+            if (i := b.idempotency) is not None
         ]
         if idem:
             await conn.executemany(
@@ -251,8 +275,19 @@ class SQLiteStore(Store):
             "INSERT INTO quarantine"
             " (tenant, domain, record_id, actor, device, reason, update_bytes, received_at)"
             " VALUES (?,?,?,?,?,?,?,?)",
-            [(q.key.tenant, q.key.domain, q.key.record_id, q.actor, q.device, q.reason,
-              q.update, now) for q in items],
+            [
+                (
+                    q.key.tenant,
+                    q.key.domain,
+                    q.key.record_id,
+                    q.actor,
+                    q.device,
+                    q.reason,
+                    q.update,
+                    now,
+                )
+                for q in items
+            ],
         )
         await conn.execute(
             "DELETE FROM quarantine WHERE id <= (SELECT MAX(id) FROM quarantine) - ?",
@@ -287,10 +322,10 @@ class SQLiteStore(Store):
         )
         out: dict[RecordKey, StoredRecord] = {}
         width = len(_RECORD_COLUMNS.split(","))
-        for record_id, group in itertools.groupby(rows, key=lambda r: r[2]):
-            group = list(group)
-            row = _record_row(group[0][:width])
-            tail = tuple(_log_entry(r[width:]) for r in group if r[width] is not None)
+        for _, grouped in itertools.groupby(rows, key=lambda r: r[2]):
+            joined = list(grouped)
+            row = _record_row(joined[0][:width])
+            tail = tuple(_log_entry(r[width:]) for r in joined if r[width] is not None)
             out[row.key] = StoredRecord(row, tail)
         return out
 
@@ -341,7 +376,9 @@ class SQLiteStore(Store):
             " WHERE tenant = ? AND user_id = ? AND key = ? AND expires_at > ?",
             (tenant, user, key, now),
         )
-        return IdempotencyRow(str(rows[0][0]), bytes(rows[0][1]), float(rows[0][2])) if rows else None
+        return (
+            IdempotencyRow(str(rows[0][0]), bytes(rows[0][1]), float(rows[0][2])) if rows else None
+        )
 
     async def client_owner(self, tenant: str, client_id: int) -> str | None:
         rows = await self._read(

@@ -115,7 +115,7 @@ class ClientClaim:
 
 @dataclass(frozen=True, slots=True)
 class Fold:
-    """Compaction: `snapshot` now contains the record's old snapshot plus the entries at `through`."""
+    """Compaction: `snapshot` holds the record's old snapshot plus the entries at `through`."""
 
     key: RecordKey
     snapshot: bytes

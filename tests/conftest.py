@@ -21,7 +21,9 @@ StoreFactory = Callable[..., Awaitable[Store]]
 
 
 @pytest.fixture(params=STORE_BACKENDS)
-async def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StoreFactory]:
+async def store_factory(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[StoreFactory]:
     opened: list[Store] = []
 
     async def make(register: bool = True) -> Store:
@@ -56,8 +58,13 @@ async def client(aiohttp_client: Any, config: Config) -> TestClient:
 
 @pytest.fixture
 def api(client: TestClient) -> Callable[..., Api]:
-    def make(tenant: str = "t1", bus: tuple[str, ...] = ("bu1",), user: str = "u1",
-             device: str = "dev-1", roles: tuple[str, ...] = ()) -> Api:
+    def make(
+        tenant: str = "t1",
+        bus: tuple[str, ...] = ("bu1",),
+        user: str = "u1",
+        device: str = "dev-1",
+        roles: tuple[str, ...] = (),
+    ) -> Api:
         return Api(client, token(tenant, bus, user, roles), device)
 
     return make

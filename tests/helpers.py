@@ -11,8 +11,8 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -27,9 +27,16 @@ SECRET = "test-secret-" + "0123456789abcdef" * 4
 _client_ids = itertools.count(10_000)
 
 
-def token(tenant: str = "t1", bus: Iterable[str] = ("bu1",), user: str = "u1",
-          roles: Iterable[str] = (), ttl_s: int = 3600) -> str:
-    return mint_token(SECRET, tenant=tenant, user=user, bus=list(bus), roles=list(roles), ttl_s=ttl_s)
+def token(
+    tenant: str = "t1",
+    bus: Iterable[str] = ("bu1",),
+    user: str = "u1",
+    roles: Iterable[str] = (),
+    ttl_s: int = 3600,
+) -> str:
+    return mint_token(
+        SECRET, tenant=tenant, user=user, bus=list(bus), roles=list(roles), ttl_s=ttl_s
+    )
 
 
 def b64(data: bytes) -> str:
@@ -40,7 +47,9 @@ class Replica:
     """One device's copy of one record."""
 
     def __init__(self, client_id: int | None = None) -> None:
-        self.doc: Doc[Any] = Doc(client_id=client_id if client_id is not None else next(_client_ids))
+        self.doc: Doc[Any] = Doc(
+            client_id=client_id if client_id is not None else next(_client_ids)
+        )
         self.outbox: list[bytes] = []
         self.doc.observe(lambda e: self.outbox.append(e.update))
 
@@ -60,7 +69,7 @@ class Replica:
             self.doc.apply_update(update)
 
     def state(self) -> dict[str, Any]:
-        return {k: self.fields[k] for k in self.fields.keys()}
+        return {k: self.fields[k] for k in self.fields}
 
 
 class Api:
@@ -74,30 +83,38 @@ class Api:
     def headers(self, **extra: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}", "Device-Id": self.device, **extra}
 
-    async def push(self, domain: str, items: list[dict[str, Any]], status: int = 200,
-                   **headers: str) -> Any:
+    async def push(
+        self, domain: str, items: list[dict[str, Any]], status: int = 200, **headers: str
+    ) -> Any:
         body = {"items": [_json_item(i) for i in items]}
-        resp = await self.client.post(f"/api/v1/sync/{domain}/sync", json=body,
-                                      headers=self.headers(**headers))
+        resp = await self.client.post(
+            f"/api/v1/sync/{domain}/sync", json=body, headers=self.headers(**headers)
+        )
         data = await resp.json()
         assert resp.status == status, data
         return _decode_results(data) if status == 200 else data
 
-    async def push_msgpack(self, domain: str, items: list[dict[str, Any]], status: int = 200) -> Any:
+    async def push_msgpack(
+        self, domain: str, items: list[dict[str, Any]], status: int = 200
+    ) -> Any:
         resp = await self.client.post(
-            f"/api/v1/sync/{domain}/sync", data=msgpack.packb({"items": items}),
-            headers=self.headers(**{"Content-Type": "application/msgpack",
-                                    "Accept": "application/msgpack"}),
+            f"/api/v1/sync/{domain}/sync",
+            data=msgpack.packb({"items": items}),
+            headers=self.headers(
+                **{"Content-Type": "application/msgpack", "Accept": "application/msgpack"}
+            ),
         )
         body = await resp.read()
         assert resp.status == status, body
         return msgpack.unpackb(body) if status == 200 else body
 
-    async def changes(self, domain: str, cursor: str | None = None, limit: int | None = None,
-                      status: int = 200) -> Any:
+    async def changes(
+        self, domain: str, cursor: str | None = None, limit: int | None = None, status: int = 200
+    ) -> Any:
         params = {k: str(v) for k, v in (("cursor", cursor), ("limit", limit)) if v is not None}
-        resp = await self.client.get(f"/api/v1/sync/{domain}/changes", params=params,
-                                     headers=self.headers())
+        resp = await self.client.get(
+            f"/api/v1/sync/{domain}/changes", params=params, headers=self.headers()
+        )
         data = await resp.json()
         assert resp.status == status, data
         if status == 200:
@@ -105,8 +122,9 @@ class Api:
                 change["update"] = base64.b64decode(change["update"])
         return data
 
-    async def pull_all(self, domain: str, cursor: str | None = None, limit: int = 500
-                       ) -> tuple[list[dict[str, Any]], str]:
+    async def pull_all(
+        self, domain: str, cursor: str | None = None, limit: int = 500
+    ) -> tuple[list[dict[str, Any]], str]:
         out: list[dict[str, Any]] = []
         while True:
             page = await self.changes(domain, cursor, limit)
@@ -148,8 +166,20 @@ class ServerProcess:
     def start(self) -> None:
         env = {**os.environ, "FIELDSYNC_JWT_SECRET": SECRET, "FIELDSYNC_LOG_LEVEL": "WARNING"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "serve", "--db", str(self.db), "--port", str(self.port)],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "server",
+                "serve",
+                "--db",
+                str(self.db),
+                "--port",
+                str(self.port),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
 
     async def ready(self, timeout: float = 20) -> None:

@@ -42,13 +42,18 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-async def test_hostile_updates_are_item_errors_and_do_not_brick_the_record(api: Any, client: Any) -> None:
+async def test_hostile_updates_are_item_errors_and_do_not_brick_the_record(
+    api: Any, client: Any
+) -> None:
     dev = api()
     r = rid()
     rep = Replica()
     await dev.push("activity", [{"record_id": r, "bu": "bu1", "update": rep.set(jobdesc="intact")}])
     start_rss = rss_mb()
-    for name, data in hostile_updates() + [("panic", PANIC), ("alloc-bomb", bytes.fromhex("ffffff7a"))]:
+    for name, data in hostile_updates() + [
+        ("panic", PANIC),
+        ("alloc-bomb", bytes.fromhex("ffffff7a")),
+    ]:
         results = await dev.push("activity", [{"record_id": r, "update": data}])
         assert results[0]["status"] == "error", name
         assert results[0]["error"]["code"] in {"malformed_update", "update_rejected"}, name
@@ -63,9 +68,13 @@ async def test_hostile_updates_are_item_errors_and_do_not_brick_the_record(api: 
 async def test_state_vector_bomb_is_refused(api: Any) -> None:
     dev = api()
     r = rid()
-    await dev.push("activity", [{"record_id": r, "bu": "bu1", "update": Replica().set(jobdesc="x")}])
+    await dev.push(
+        "activity", [{"record_id": r, "bu": "bu1", "update": Replica().set(jobdesc="x")}]
+    )
     started = time.perf_counter()
-    results = await dev.push("activity", [{"record_id": r, "state_vector": bytes.fromhex("ffffffff01")}])
+    results = await dev.push(
+        "activity", [{"record_id": r, "state_vector": bytes.fromhex("ffffffff01")}]
+    )
     assert results[0]["error"]["code"] == "malformed_state_vector"
     assert time.perf_counter() - started < 1
 
@@ -73,10 +82,13 @@ async def test_state_vector_bomb_is_refused(api: Any) -> None:
 async def test_good_items_beside_a_bad_one_still_merge(api: Any) -> None:
     dev = api()
     good = rid()
-    results = await dev.push("activity", [
-        {"record_id": rid(), "bu": "bu1", "update": PANIC},
-        {"record_id": good, "bu": "bu1", "update": Replica().set(jobdesc="fine")},
-    ])
+    results = await dev.push(
+        "activity",
+        [
+            {"record_id": rid(), "bu": "bu1", "update": PANIC},
+            {"record_id": good, "bu": "bu1", "update": Replica().set(jobdesc="fine")},
+        ],
+    )
     assert [r["status"] for r in results] == ["error", "created"]
 
 
@@ -114,19 +126,42 @@ async def test_a_panicking_update_that_passes_the_gate_is_contained(api: Any, cl
         (b"\xc1\xc1", "application/msgpack", 400, "malformed_body"),
         (b"\x82\xa5items\x90\xa5items\x90", "application/msgpack", 400, "malformed_body"),
         (b"items=1", "application/x-www-form-urlencoded", 415, "unsupported_media_type"),
-        (b'{"items": [{"bu": "bu1", "update": "AAA="}]}', "application/json", 400, "malformed_body"),
-        (b'{"items": [{"record_id": "r", "update": "not base64!"}]}', "application/json", 400, "malformed_body"),
+        (
+            b'{"items": [{"bu": "bu1", "update": "AAA="}]}',
+            "application/json",
+            400,
+            "malformed_body",
+        ),
+        (
+            b'{"items": [{"record_id": "r", "update": "not base64!"}]}',
+            "application/json",
+            400,
+            "malformed_body",
+        ),
         (b'{"items": [{"record_id": "r"}]}', "application/json", 400, "malformed_body"),
-        (b'{"items": [{"record_id": "../../etc", "update": "AAA="}]}', "application/json", 400, "malformed_body"),
-        (b'{"items": [{"record_id": "r", "update": 5}]}', "application/json", 400, "malformed_body"),
+        (
+            b'{"items": [{"record_id": "../../etc", "update": "AAA="}]}',
+            "application/json",
+            400,
+            "malformed_body",
+        ),
+        (
+            b'{"items": [{"record_id": "r", "update": 5}]}',
+            "application/json",
+            400,
+            "malformed_body",
+        ),
     ],
 )
 async def test_malformed_bodies_get_the_json_error_shape(
     api: Any, body: bytes, content_type: str, status: int, code: str
 ) -> None:
     dev = api()
-    resp = await dev.client.post("/api/v1/sync/activity/sync", data=body,
-                                 headers=dev.headers(**{"Content-Type": content_type}))
+    resp = await dev.client.post(
+        "/api/v1/sync/activity/sync",
+        data=body,
+        headers=dev.headers(**{"Content-Type": content_type}),
+    )
     assert resp.status == status
     assert_error_shape(await resp.json(), code)
     assert (await dev.pull_all("activity"))[0] == []
@@ -135,7 +170,9 @@ async def test_malformed_bodies_get_the_json_error_shape(
 async def test_1001_items_are_refused(api: Any) -> None:
     dev = api()
     items = [{"record_id": f"r{i}", "bu": "bu1", "update": "AAA="} for i in range(1001)]
-    resp = await dev.client.post("/api/v1/sync/activity/sync", json={"items": items}, headers=dev.headers())
+    resp = await dev.client.post(
+        "/api/v1/sync/activity/sync", json={"items": items}, headers=dev.headers()
+    )
     assert resp.status == 413
     assert_error_shape(await resp.json(), "too_many_items")
 
@@ -146,15 +183,20 @@ async def test_oversized_body_is_refused(api: Any, client: Any) -> None:
     limit = client.server.app[SERVICES].config.limits.max_body_bytes
     dev = api()
     big = json.dumps({"items": [{"record_id": "r", "bu": "bu1", "update": b64(os.urandom(limit))}]})
-    resp = await dev.client.post("/api/v1/sync/activity/sync", data=big,
-                                 headers=dev.headers(**{"Content-Type": "application/json"}))
+    resp = await dev.client.post(
+        "/api/v1/sync/activity/sync",
+        data=big,
+        headers=dev.headers(**{"Content-Type": "application/json"}),
+    )
     assert resp.status == 413
     assert_error_shape(await resp.json(), "payload_too_large")
 
 
 async def test_oversized_update_is_an_item_error(api: Any) -> None:
     dev = api()
-    results = await dev.push("activity", [{"record_id": rid(), "bu": "bu1", "update": os.urandom(2 << 20)}])
+    results = await dev.push(
+        "activity", [{"record_id": rid(), "bu": "bu1", "update": os.urandom(2 << 20)}]
+    )
     assert results[0]["error"]["code"] == "malformed_update"
 
 
@@ -172,7 +214,9 @@ def _claims(**over: Any) -> dict[str, Any]:
     "bad_token",
     [
         pytest.param(lambda: token(ttl_s=-120), id="expired"),
-        pytest.param(lambda: _forge(_claims(), key="another-secret-another-secret-xx"), id="forged"),
+        pytest.param(
+            lambda: _forge(_claims(), key="another-secret-another-secret-xx"), id="forged"
+        ),
         pytest.param(lambda: _forge(_claims(exp=None)), id="no-exp"),
         pytest.param(lambda: _forge(_claims(tenant=None)), id="no-tenant"),
         pytest.param(lambda: _forge(_claims(bus="bu1")), id="bus-not-a-list"),
@@ -187,8 +231,11 @@ def _claims(**over: Any) -> dict[str, Any]:
 )
 async def test_bad_tokens_are_401(client: Any, bad_token: Any) -> None:
     api = Api(client, bad_token())
-    for method, path in [("POST", "/api/v1/sync/activity/sync"), ("GET", "/api/v1/sync/activity/changes"),
-                         ("GET", "/api/v1/records/activity/x")]:
+    for method, path in [
+        ("POST", "/api/v1/sync/activity/sync"),
+        ("GET", "/api/v1/sync/activity/changes"),
+        ("GET", "/api/v1/records/activity/x"),
+    ]:
         resp = await client.request(method, path, json={"items": []}, headers=api.headers())
         assert resp.status == 401, (method, path)
         assert_error_shape(await resp.json(), "unauthorized")
@@ -198,15 +245,20 @@ async def test_missing_auth_and_device_id(client: Any) -> None:
     resp = await client.post("/api/v1/sync/activity/sync", json={"items": []})
     assert resp.status == 401
     assert_error_shape(await resp.json(), "unauthorized")
-    resp = await client.post("/api/v1/sync/activity/sync", json={"items": []},
-                             headers={"Authorization": f"Bearer {token()}"})
+    resp = await client.post(
+        "/api/v1/sync/activity/sync",
+        json={"items": []},
+        headers={"Authorization": f"Bearer {token()}"},
+    )
     assert resp.status == 400
     assert_error_shape(await resp.json(), "bad_request")
 
 
 async def test_unknown_domain_route_and_cursor(api: Any) -> None:
     dev = api()
-    resp = await dev.client.post("/api/v1/sync/payroll/sync", json={"items": []}, headers=dev.headers())
+    resp = await dev.client.post(
+        "/api/v1/sync/payroll/sync", json={"items": []}, headers=dev.headers()
+    )
     assert resp.status == 404
     assert_error_shape(await resp.json(), "not_found")
     resp = await dev.client.get("/api/v1/nowhere", headers=dev.headers())

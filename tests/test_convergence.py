@@ -65,11 +65,17 @@ class Session:
             {"record_id": self.record_id, "bu": "bu1", "update": b64(u)} for u in updates
         ]
         if with_sv:
-            items.append({"record_id": self.record_id, "bu": "bu1",
-                          "state_vector": b64(device.replica.doc.get_state())})
+            items.append(
+                {
+                    "record_id": self.record_id,
+                    "bu": "bu1",
+                    "state_vector": b64(device.replica.doc.get_state()),
+                }
+            )
         headers = {"Authorization": f"Bearer {token()}", "Device-Id": device.name}
-        async with self.http.post(f"{self.url}/api/v1/sync/activity/sync",
-                                  json={"items": items}, headers=headers) as resp:
+        async with self.http.post(
+            f"{self.url}/api/v1/sync/activity/sync", json={"items": items}, headers=headers
+        ) as resp:
             assert resp.status == 200, await resp.text()
             results = (await resp.json())["results"]
         for result in results:
@@ -80,25 +86,31 @@ class Session:
 
     async def server_state(self) -> dict[str, Any]:
         headers = {"Authorization": f"Bearer {token()}", "Device-Id": "auditor"}
-        async with self.http.get(f"{self.url}/api/v1/records/activity/{self.record_id}",
-                                 headers=headers) as resp:
+        async with self.http.get(
+            f"{self.url}/api/v1/records/activity/{self.record_id}", headers=headers
+        ) as resp:
             return dict((await resp.json())["fields"])
 
 
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(
     n_devices=st.integers(2, 4),
     steps=st.lists(step, min_size=1, max_size=25),
     data=st.data(),
 )
-def test_replicas_converge_and_rules_hold(server: ServerProcess, n_devices: int,
-                                          steps: list[tuple[str, int, str]], data: st.DataObject) -> None:
+def test_replicas_converge_and_rules_hold(
+    server: ServerProcess, n_devices: int, steps: list[tuple[str, int, str]], data: st.DataObject
+) -> None:
     asyncio.run(_scenario(server.url, n_devices, steps, data))
 
 
-async def _scenario(url: str, n_devices: int, steps: list[tuple[str, int, str]],
-                    data: st.DataObject) -> None:
+async def _scenario(
+    url: str, n_devices: int, steps: list[tuple[str, int, str]], data: st.DataObject
+) -> None:
     devices = [Device(f"dev-{uuid.uuid4().hex[:8]}") for _ in range(n_devices)]
     async with aiohttp.ClientSession() as http:
         session = Session(http, url, str(uuid.uuid4()))
@@ -113,7 +125,7 @@ async def _scenario(url: str, n_devices: int, steps: list[tuple[str, int, str]],
                 await _deliver_some(session, device, data)
         # everyone comes online: unsent updates, then catch-up rounds by state vector
         for device in devices:
-            await session.push(device, device.replica.outbox[device.sent:], with_sv=True)
+            await session.push(device, device.replica.outbox[device.sent :], with_sv=True)
             device.sent = len(device.replica.outbox)
         for device in devices:
             await session.push(device, [], with_sv=True)
@@ -125,12 +137,14 @@ async def _scenario(url: str, n_devices: int, steps: list[tuple[str, int, str]],
 
 async def _deliver_some(session: Session, device: Device, data: st.DataObject) -> None:
     """Send the device's unsent updates shuffled, some twice, maybe holding the last ones back."""
-    unsent = device.replica.outbox[device.sent:]
+    unsent = device.replica.outbox[device.sent :]
     if not unsent:
         return
     count = data.draw(st.integers(1, len(unsent)))
     chosen = unsent[:count]
-    order = data.draw(st.permutations(chosen + data.draw(st.lists(st.sampled_from(chosen), max_size=2))))
+    order = data.draw(
+        st.permutations(chosen + data.draw(st.lists(st.sampled_from(chosen), max_size=2)))
+    )
     await session.push(device, list(order), with_sv=data.draw(st.booleans()))
     device.sent += count
 
@@ -142,5 +156,7 @@ def _normalized(fields: dict[str, Any]) -> dict[str, Any]:
 def _assert_rules_hold(fields: dict[str, Any]) -> None:
     model = get_model("activity")
     state = records.RecordState(fields)
-    ctx = constraints.Context("auditor", frozenset(), None, constraints.Origin.SERVER, datetime.now(UTC))
+    ctx = constraints.Context(
+        "auditor", frozenset(), None, constraints.Origin.SERVER, datetime.now(UTC)
+    )
     assert constraints.evaluate(model, None, state, ctx) == []

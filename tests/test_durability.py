@@ -21,6 +21,7 @@ from server.services import SERVICES
 from storage import RecordKey
 from tests.helpers import SECRET, Api, Replica, ServerProcess, b64, token
 
+
 @pytest.fixture
 def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
     proc = ServerProcess(tmp_path / "durable.db")
@@ -28,21 +29,29 @@ def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
     proc.stop()
 
 
-async def _writer(session: aiohttp.ClientSession, url: str, headers: dict[str, str],
-                  acked: dict[str, str], stop: asyncio.Event) -> None:
+async def _writer(
+    session: aiohttp.ClientSession,
+    url: str,
+    headers: dict[str, str],
+    acked: dict[str, str],
+    stop: asyncio.Event,
+) -> None:
     while not stop.is_set():
         batch = {str(uuid.uuid4()): Replica() for _ in range(20)}
-        items = [{"record_id": r, "bu": "bu1", "update": b64(rep.set(jobdesc=f"job {r}"))}
-                 for r, rep in batch.items()]
+        items = [
+            {"record_id": r, "bu": "bu1", "update": b64(rep.set(jobdesc=f"job {r}"))}
+            for r, rep in batch.items()
+        ]
         try:
-            async with session.post(f"{url}/api/v1/sync/activity/sync", json={"items": items},
-                                    headers=headers) as resp:
+            async with session.post(
+                f"{url}/api/v1/sync/activity/sync", json={"items": items}, headers=headers
+            ) as resp:
                 if resp.status != 200:
                     continue
                 for result in (await resp.json())["results"]:
                     if result["status"] == "created":
                         acked[result["record_id"]] = f"job {result['record_id']}"
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             return
 
 
@@ -53,8 +62,10 @@ async def test_every_acknowledged_record_survives_kill_9(server_process: ServerP
     acked: dict[str, str] = {}
     stop = asyncio.Event()
     async with aiohttp.ClientSession() as session:
-        writers = [asyncio.create_task(_writer(session, server_process.url, headers, acked, stop))
-                   for _ in range(8)]
+        writers = [
+            asyncio.create_task(_writer(session, server_process.url, headers, acked, stop))
+            for _ in range(8)
+        ]
         deadline = time.monotonic() + 10
         while len(acked) < 400 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -70,8 +81,9 @@ async def test_every_acknowledged_record_survives_kill_9(server_process: ServerP
         cursor = None
         for _ in range(1000):
             params = {"limit": "1000", **({"cursor": cursor} if cursor else {})}
-            async with session.get(f"{server_process.url}/api/v1/sync/activity/changes",
-                                   params=params, headers=headers) as resp:
+            async with session.get(
+                f"{server_process.url}/api/v1/sync/activity/changes", params=params, headers=headers
+            ) as resp:
                 page = await resp.json()
             found.update({c["record_id"]: c for c in page["changes"]})
             cursor = page["cursor"]
@@ -81,8 +93,9 @@ async def test_every_acknowledged_record_survives_kill_9(server_process: ServerP
         assert not missing, f"{len(missing)} acknowledged records lost"
         sample = sorted(acked)[:: max(1, len(acked) // 20)]
         for record_id in sample:
-            async with session.get(f"{server_process.url}/api/v1/records/activity/{record_id}",
-                                   headers=headers) as resp:
+            async with session.get(
+                f"{server_process.url}/api/v1/records/activity/{record_id}", headers=headers
+            ) as resp:
                 assert (await resp.json())["fields"] == {"jobdesc": acked[record_id]}
 
 
@@ -96,16 +109,24 @@ async def test_compaction_keeps_pending_updates_across_restart(tmp_path: Path) -
     async with TestClient(TestServer(create_app(config))) as client:
         dev = Api(client, token())
         # the device's last two updates arrive, its first is lost on the way
-        assert (await dev.push("activity", [{"record_id": r, "bu": "bu1", "update": grandchild}]))[0]["status"] == "pending"
-        assert (await dev.push("activity", [{"record_id": r, "update": child}]))[0]["status"] == "pending"
-        assert (await dev.push("activity", [{"record_id": r, "update": other.set(assignee="bob")}]))[0]["status"] == "merged"
+        assert (await dev.push("activity", [{"record_id": r, "bu": "bu1", "update": grandchild}]))[
+            0
+        ]["status"] == "pending"
+        assert (await dev.push("activity", [{"record_id": r, "update": child}]))[0][
+            "status"
+        ] == "pending"
+        assert (
+            await dev.push("activity", [{"record_id": r, "update": other.set(assignee="bob")}])
+        )[0]["status"] == "merged"
         store = client.server.app[SERVICES].store
         assert await compact_due(store, min_tail=1) == 1
         key = RecordKey("t1", "activity", r)
         folded = (await store.load_records([key]))[key]
         assert folded.tail == () and folded.row.snapshot
         # yrs shows a pending struct's value at once, behind a gap in that writer's clock
-        before = await (await client.get(f"/api/v1/records/activity/{r}", headers=dev.headers())).json()
+        before = await (
+            await client.get(f"/api/v1/records/activity/{r}", headers=dev.headers())
+        ).json()
         assert before["fields"] == {"assignee": "bob", "remarks": "2", "priority": "LOW"}
 
     async with TestClient(TestServer(create_app(config))) as client:
@@ -114,8 +135,15 @@ async def test_compaction_keeps_pending_updates_across_restart(tmp_path: Path) -
         assert still[0]["status"] == "pending"
         done = await dev.push("activity", [{"record_id": r, "update": parent}])
         assert done[0]["status"] == "merged"
-        after = await (await client.get(f"/api/v1/records/activity/{r}", headers=dev.headers())).json()
-        assert after["fields"] == {"assignee": "bob", "jobdesc": "1", "remarks": "2", "priority": "LOW"}
+        after = await (
+            await client.get(f"/api/v1/records/activity/{r}", headers=dev.headers())
+        ).json()
+        assert after["fields"] == {
+            "assignee": "bob",
+            "jobdesc": "1",
+            "remarks": "2",
+            "priority": "LOW",
+        }
         # a fresh device that pulls everything rebuilds the same record
         changes, _ = await dev.pull_all("activity")
         fresh = Replica()
@@ -129,25 +157,40 @@ async def test_a_failed_commit_answers_503_and_changes_nothing(api: Any, config:
     dev = api()
     kept, doomed = str(uuid.uuid4()), str(uuid.uuid4())
     rep = Replica()
-    await dev.push("activity", [{"record_id": kept, "bu": "bu1", "update": rep.set(jobdesc="before")}])
+    await dev.push(
+        "activity", [{"record_id": kept, "bu": "bu1", "update": rep.set(jobdesc="before")}]
+    )
     with sqlite3.connect(config.db) as db:
-        db.execute(f"CREATE TRIGGER boom BEFORE INSERT ON log WHEN NEW.record_id = '{doomed}'"
-                   " BEGIN SELECT RAISE(ABORT, 'disk on fire'); END")
+        db.execute(
+            f"CREATE TRIGGER boom BEFORE INSERT ON log WHEN NEW.record_id = '{doomed}'"
+            " BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"
+        )
     lost = rep.set(remarks="never acknowledged")
     resp = await dev.client.post(
-        "/api/v1/sync/activity/sync", headers=dev.headers(),
-        json={"items": [{"record_id": kept, "update": b64(lost)},
-                        {"record_id": doomed, "bu": "bu1", "update": b64(Replica().set(jobdesc="x"))}]},
+        "/api/v1/sync/activity/sync",
+        headers=dev.headers(),
+        json={
+            "items": [
+                {"record_id": kept, "update": b64(lost)},
+                {"record_id": doomed, "bu": "bu1", "update": b64(Replica().set(jobdesc="x"))},
+            ]
+        },
     )
     assert resp.status == 503 and resp.headers["Retry-After"] == "1"
     assert (await resp.json())["error"]["code"] == "storage_unavailable"
     with sqlite3.connect(config.db) as db:
         db.execute("DROP TRIGGER boom")
     # neither item was kept, in storage or in memory
-    record = await (await dev.client.get(f"/api/v1/records/activity/{kept}", headers=dev.headers())).json()
+    record = await (
+        await dev.client.get(f"/api/v1/records/activity/{kept}", headers=dev.headers())
+    ).json()
     assert record["fields"] == {"jobdesc": "before"} and record["version"] == 1
-    assert (await dev.client.get(f"/api/v1/records/activity/{doomed}", headers=dev.headers())).status == 404
-    catch_up = await dev.push("activity", [{"record_id": kept, "state_vector": Replica().doc.get_state()}])
+    assert (
+        await dev.client.get(f"/api/v1/records/activity/{doomed}", headers=dev.headers())
+    ).status == 404
+    catch_up = await dev.push(
+        "activity", [{"record_id": kept, "state_vector": Replica().doc.get_state()}]
+    )
     fresh = Replica()
     fresh.apply(catch_up[0]["update"])
     assert fresh.state() == {"jobdesc": "before"}

@@ -27,7 +27,7 @@ KEY = RecordKey("t1", "activity", "rec-1")
 def _write(key: RecordKey, version: int, update: bytes = b"u", bu: str = "bu1") -> WriteBatch:
     return WriteBatch(
         entries=[NewEntry(key, bu, update, version, "device", "user-1", "dev-1")],
-        records=[RecordWrite(key, bu, b"sv%d" % version, '{"v": %d}' % version, version)],
+        records=[RecordWrite(key, bu, b"sv%d" % version, f'{{"v": {version}}}', version)],
     )
 
 
@@ -45,7 +45,7 @@ async def test_commit_then_load_returns_row_and_tail(store: Store) -> None:
     p1 = await store.commit(_write(KEY, 1, b"a"))
     p2 = await store.commit(_write(KEY, 2, b"b"))
     assert p2[0].seq == p1[0].seq + 1
-    loaded = (await store.load_records([KEY, RecordKey("t1", "activity", "missing")]))
+    loaded = await store.load_records([KEY, RecordKey("t1", "activity", "missing")])
     assert list(loaded) == [KEY]
     rec = loaded[KEY]
     assert rec.row.version == 2 and rec.row.materialized == '{"v": 2}'

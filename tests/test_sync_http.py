@@ -29,19 +29,25 @@ def server_view(changes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 async def test_batch_create_then_versions_rise(api: Make) -> None:
     dev = api()
     replicas = {rid(): Replica() for _ in range(20)}
-    items = [{"record_id": r, "bu": "bu1", "update": rep.set(jobdesc=f"task {r}")}
-             for r, rep in replicas.items()]
+    items = [
+        {"record_id": r, "bu": "bu1", "update": rep.set(jobdesc=f"task {r}")}
+        for r, rep in replicas.items()
+    ]
     results = await dev.push("activity", items)
     assert [r["status"] for r in results] == ["created"] * 20
     assert all(r["version"] == 1 and r["error"] is None for r in results)
     first = next(iter(replicas))
-    again = await dev.push("activity", [{"record_id": first, "update": replicas[first].set(remarks="x")}])
+    again = await dev.push(
+        "activity", [{"record_id": first, "update": replicas[first].set(remarks="x")}]
+    )
     assert again[0]["status"] == "merged" and again[0]["version"] == 2
     dup = await dev.push("activity", [{"record_id": first, "update": replicas[first].outbox[0]}])
     assert dup[0]["status"] == "unchanged" and dup[0]["version"] == 2
 
 
-async def test_offline_devices_editing_different_fields_are_both_kept(api: Make, client: Any) -> None:
+async def test_offline_devices_editing_different_fields_are_both_kept(
+    api: Make, client: Any
+) -> None:
     a, b = api(device="dev-a"), api(device="dev-b")
     r = rid()
     base = Replica()
@@ -62,10 +68,14 @@ async def test_same_field_conflict_converges_on_every_replica(api: Make) -> None
     r = rid()
     ra, rb = Replica(), Replica()
     ua, ub = ra.set(remarks="A wrote this"), rb.set(remarks="B wrote this")
-    res_a = await a.push("activity", [{"record_id": r, "bu": "bu1", "update": ua,
-                                       "state_vector": ra.doc.get_state()}])
-    res_b = await b.push("activity", [{"record_id": r, "bu": "bu1", "update": ub,
-                                       "state_vector": rb.doc.get_state()}])
+    res_a = await a.push(
+        "activity",
+        [{"record_id": r, "bu": "bu1", "update": ua, "state_vector": ra.doc.get_state()}],
+    )
+    res_b = await b.push(
+        "activity",
+        [{"record_id": r, "bu": "bu1", "update": ub, "state_vector": rb.doc.get_state()}],
+    )
     ra.apply(res_a[0]["update"])
     rb.apply(res_b[0]["update"])
     res_a = await a.push("activity", [{"record_id": r, "state_vector": ra.doc.get_state()}])
@@ -77,25 +87,33 @@ async def test_same_field_conflict_converges_on_every_replica(api: Make) -> None
 async def test_push_with_state_vector_returns_what_the_device_lacks(api: Make) -> None:
     a, b = api(device="dev-a"), api(device="dev-b")
     records = {rid(): Replica() for _ in range(5)}
-    await a.push("activity", [{"record_id": r, "bu": "bu1", "update": rep.set(jobdesc=r)}
-                              for r, rep in records.items()])
+    await a.push(
+        "activity",
+        [{"record_id": r, "bu": "bu1", "update": rep.set(jobdesc=r)} for r, rep in records.items()],
+    )
     fresh = {r: Replica() for r in records}
     # one request catches up every record by state vector
-    results = await b.push("activity", [{"record_id": r, "state_vector": rep.doc.get_state()}
-                                        for r, rep in fresh.items()])
+    results = await b.push(
+        "activity",
+        [{"record_id": r, "state_vector": rep.doc.get_state()} for r, rep in fresh.items()],
+    )
     for result in results:
         assert result["status"] == "unchanged"
         fresh[result["record_id"]].apply(result["update"])
     assert {r: rep.state() for r, rep in fresh.items()} == {r: {"jobdesc": r} for r in records}
     # a device that is up to date gets nothing
-    results = await b.push("activity", [{"record_id": r, "state_vector": rep.doc.get_state()}
-                                        for r, rep in fresh.items()])
+    results = await b.push(
+        "activity",
+        [{"record_id": r, "state_vector": rep.doc.get_state()} for r, rep in fresh.items()],
+    )
     assert all(res["update"] is None for res in results)
     unknown = await b.push("activity", [{"record_id": rid(), "state_vector": b"\x00"}])
     assert unknown[0]["status"] == "error" and unknown[0]["error"]["code"] == "not_found"
 
 
-async def test_out_of_order_updates_are_pending_until_their_parent_arrives(api: Make, client: Any) -> None:
+async def test_out_of_order_updates_are_pending_until_their_parent_arrives(
+    api: Make, client: Any
+) -> None:
     dev = api()
     r = rid()
     rep = Replica()
@@ -116,7 +134,9 @@ async def test_type_errors_are_repaired_with_a_decision(api: Make) -> None:
     dev = api()
     r = rid()
     rep = Replica()
-    ok = await dev.push("activity", [{"record_id": r, "bu": "bu1", "update": rep.set(gracetime=15)}])
+    ok = await dev.push(
+        "activity", [{"record_id": r, "bu": "bu1", "update": rep.set(gracetime=15)}]
+    )
     assert ok[0]["decisions"] == []
     bad = await dev.push("activity", [{"record_id": r, "update": rep.set(gracetime="15m")}])
     assert bad[0]["status"] == "merged"
@@ -137,8 +157,9 @@ async def test_msgpack_push_and_pull(api: Make) -> None:
         "helpdesk", [{"record_id": r, "bu": "bu1", "update": Replica().set(ticketdesc="printer")}]
     )
     assert answer["results"][0]["status"] == "created"
-    resp = await dev.client.get("/api/v1/sync/helpdesk/changes",
-                                headers=dev.headers(Accept="application/msgpack"))
+    resp = await dev.client.get(
+        "/api/v1/sync/helpdesk/changes", headers=dev.headers(Accept="application/msgpack")
+    )
     import msgpack
 
     page = msgpack.unpackb(await resp.read())
@@ -167,8 +188,13 @@ async def test_delta_pull_pages_through_2500_changes_and_resumes(api: Make) -> N
     dev = api()
     ids = [rid() for _ in range(2600)]
     for chunk in range(0, len(ids), 1000):
-        await dev.push("activity", [{"record_id": r, "bu": "bu1", "update": Replica().set(jobdesc=r)}
-                                    for r in ids[chunk:chunk + 1000]])
+        await dev.push(
+            "activity",
+            [
+                {"record_id": r, "bu": "bu1", "update": Replica().set(jobdesc=r)}
+                for r in ids[chunk : chunk + 1000]
+            ],
+        )
     seen: list[str] = []
     cursor = None
     pages = 0
@@ -182,7 +208,9 @@ async def test_delta_pull_pages_through_2500_changes_and_resumes(api: Make) -> N
     # resume: nothing new, then exactly the new changes
     assert (await dev.changes("activity", cursor))["changes"] == []
     newer = rid()
-    await dev.push("activity", [{"record_id": newer, "bu": "bu1", "update": Replica().set(jobdesc="new")}])
+    await dev.push(
+        "activity", [{"record_id": newer, "bu": "bu1", "update": Replica().set(jobdesc="new")}]
+    )
     page = await dev.changes("activity", cursor)
     assert [c["record_id"] for c in page["changes"]] == [newer] and not page["has_more"]
 
@@ -203,14 +231,18 @@ async def test_tenants_and_bus_are_isolated(api: Make, client: Any) -> None:
     t1, t2 = api("t1", ("bu1",)), api("t2", ("bu1",), device="dev-t2")
     t1_bu2 = api("t1", ("bu2",), user="u2", device="dev-b2")
     r = rid()
-    await t1.push("activity", [{"record_id": r, "bu": "bu1", "update": Replica().set(jobdesc="secret")}])
+    await t1.push(
+        "activity", [{"record_id": r, "bu": "bu1", "update": Replica().set(jobdesc="secret")}]
+    )
     # the other tenant sees nothing, and its push of the same id makes its own record
     assert (await t2.pull_all("activity"))[0] == []
     probe = await t2.push("activity", [{"record_id": r, "state_vector": b"\x00"}])
     assert probe[0]["error"]["code"] == "not_found" and probe[0]["update"] is None
     resp = await client.get(f"/api/v1/records/activity/{r}", headers=t2.headers())
     assert resp.status == 404
-    mine = await t2.push("activity", [{"record_id": r, "bu": "bu1", "update": Replica().set(jobdesc="t2")}])
+    mine = await t2.push(
+        "activity", [{"record_id": r, "bu": "bu1", "update": Replica().set(jobdesc="t2")}]
+    )
     assert mine[0]["status"] == "created"
     t1_view = await (await client.get(f"/api/v1/records/activity/{r}", headers=t1.headers())).json()
     assert t1_view["fields"] == {"jobdesc": "secret"}
@@ -218,7 +250,9 @@ async def test_tenants_and_bus_are_isolated(api: Make, client: Any) -> None:
     assert (await t1_bu2.pull_all("activity"))[0] == []
     write = await t1_bu2.push("activity", [{"record_id": r, "update": Replica().set(jobdesc="x")}])
     assert write[0]["error"]["code"] == "not_found" and write[0]["version"] == 0
-    outside = await t1.push("activity", [{"record_id": rid(), "bu": "bu9", "update": Replica().set(a=1)}])
+    outside = await t1.push(
+        "activity", [{"record_id": rid(), "bu": "bu9", "update": Replica().set(a=1)}]
+    )
     assert outside[0]["error"]["code"] == "not_found"
     resp = await client.get(f"/api/v1/records/activity/{r}", headers=t1_bu2.headers())
     assert resp.status == 404
@@ -229,7 +263,9 @@ async def test_a_client_id_belongs_to_its_first_device(api: Make) -> None:
     r = rid()
     shared = Replica(client_id=777)
     first = shared.set(jobdesc="a")
-    assert (await a.push("activity", [{"record_id": r, "bu": "bu1", "update": first}]))[0]["status"] == "created"
+    assert (await a.push("activity", [{"record_id": r, "bu": "bu1", "update": first}]))[0][
+        "status"
+    ] == "created"
     stolen = await b.push("activity", [{"record_id": r, "update": shared.set(remarks="b")}])
     assert stolen[0]["status"] == "error" and stolen[0]["error"]["code"] == "client_id_owned"
     # relaying structs the server already has is fine (a full-state push)
