@@ -27,9 +27,9 @@ What it does
    reported as CPU-µs per record-update. Load-generator CPU is reported too: the clients
    share the machine's cores with the server.
 5. ``--profile``: samples the server with py-spy (``py-spy record --format raw``, stacks kept in
-   ``bench/results/http_sync_profile.txt``) during the 100-item-batch phase (``--profile-batch``) and prints
-   the top functions by own time plus a coarse "where the time goes" breakdown. py-spy's
-   sampling itself costs CPU, so the throughput of a profiled run is lower.
+   ``bench/results/http_sync_profile.txt``) during the 100-item-batch phase (``--profile-batch``)
+   and prints the top functions by own time plus a coarse "where the time goes" breakdown.
+   py-spy's sampling itself costs CPU, so the throughput of a profiled run is lower.
 
 Reading the table
 -----------------
@@ -68,7 +68,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,17 +129,25 @@ def new_task_fields(rng: random.Random, n: int, plan: int) -> dict[str, Any]:
     }
 
 
-def task_edit(rng: random.Random, fields: dict[str, Any], plan: int, round_no: int
-              ) -> dict[str, Any]:
+def task_edit(
+    rng: random.Random, fields: dict[str, Any], plan: int, round_no: int
+) -> dict[str, Any]:
     """The fields a technician changes in edit number `round_no` (1-based) of a task."""
     if round_no == 1:
         return {"jobstatus": "INPROGRESS", "starttime": iso(plan + 600), "remarks": REMARKS[0]}
     if round_no == 2:
-        return {"jobstatus": rng.choice(("WORKING", "STANDBY")), "remarks": rng.choice(REMARKS),
-                "lat": round(fields["lat"] + 0.0001, 6), "lon": round(fields["lon"] - 0.0001, 6)}
+        return {
+            "jobstatus": rng.choice(("WORKING", "STANDBY")),
+            "remarks": rng.choice(REMARKS),
+            "lat": round(fields["lat"] + 0.0001, 6),
+            "lon": round(fields["lon"] - 0.0001, 6),
+        }
     if round_no == 3:
-        return {"jobstatus": "COMPLETED", "endtime": iso(plan + 5400),
-                "remarks": rng.choice(REMARKS)}
+        return {
+            "jobstatus": "COMPLETED",
+            "endtime": iso(plan + 5400),
+            "remarks": rng.choice(REMARKS),
+        }
     return {"remarks": f"{rng.choice(REMARKS)} ({round_no})"}
 
 
@@ -164,7 +172,11 @@ def _edit(task: Task, values: dict[str, Any]) -> bytes:
 
 
 def device_updates(
-    seed: int, client_id: int, n_items: int, open_tasks: int, edits: int,
+    seed: int,
+    client_id: int,
+    n_items: int,
+    open_tasks: int,
+    edits: int,
     expected: dict[str, dict[str, Any]] | None = None,
 ) -> list[tuple[str, str, bytes]]:
     """`n_items` (record_id, bu, update) a device pushes, in order.
@@ -181,8 +193,13 @@ def device_updates(
         for _ in range(min(open_tasks, n_items - len(out))):
             serial += 1
             doc: Doc[Any] = Doc(client_id=client_id)
-            task = Task(str(uuid.UUID(int=rng.getrandbits(128), version=4)),
-                        rng.choice(BUS), doc, BASE_TIME + rng.randrange(0, 90 * 86400, 900), {})
+            task = Task(
+                str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+                rng.choice(BUS),
+                doc,
+                BASE_TIME + rng.randrange(0, 90 * 86400, 900),
+                {},
+            )
             fields = new_task_fields(rng, serial, task.plan)
             out.append((task.record_id, task.bu, _edit(task, fields)))
             tasks.append(task)
@@ -190,7 +207,13 @@ def device_updates(
             for task in tasks:
                 if len(out) >= n_items:
                     break
-                out.append((task.record_id, task.bu, _edit(task, task_edit(rng, task.fields, task.plan, round_no))))
+                out.append(
+                    (
+                        task.record_id,
+                        task.bu,
+                        _edit(task, task_edit(rng, task.fields, task.plan, round_no)),
+                    )
+                )
         if expected is not None:
             expected.update({t.record_id: dict(t.fields) for t in tasks})
     return out
@@ -198,34 +221,43 @@ def device_updates(
 
 def pack_body(items: Sequence[dict[str, Any]], use_json: bool) -> bytes:
     if use_json:
-        ready = [{k: base64.b64encode(v).decode() if isinstance(v, bytes) else v
-                  for k, v in item.items()} for item in items]
+        ready = [
+            {
+                k: base64.b64encode(v).decode() if isinstance(v, bytes) else v
+                for k, v in item.items()
+            }
+            for item in items
+        ]
         return json.dumps({"items": ready}, separators=(",", ":")).encode()
-    return msgpack.packb({"items": list(items)})
+    packed: bytes = msgpack.packb({"items": list(items)})
+    return packed
 
 
 def unpack_body(raw: bytes, use_json: bool) -> Any:
     return json.loads(raw) if use_json else msgpack.unpackb(raw)
 
 
-def wire_bytes(value: Any, use_json: bool) -> bytes | None:
-    if value is None:
-        return None
+def wire_bytes(value: Any, use_json: bool) -> bytes:
     return base64.b64decode(value) if use_json else bytes(value)
 
 
 def content_headers(token: str, device: str, use_json: bool) -> dict[str, str]:
     kind = "application/json" if use_json else MSGPACK
-    return {"Authorization": f"Bearer {token}", "Device-Id": device,
-            "Content-Type": kind, "Accept": kind}
+    return {
+        "Authorization": f"Bearer {token}",
+        "Device-Id": device,
+        "Content-Type": kind,
+        "Accept": kind,
+    }
 
 
-def push_bodies(updates: list[tuple[str, str, bytes]], batch: int, use_json: bool
-                ) -> list[tuple[bytes, int]]:
+def push_bodies(
+    updates: list[tuple[str, str, bytes]], batch: int, use_json: bool
+) -> list[tuple[bytes, int]]:
     """Request bodies of `batch` items each, with their item counts."""
     out = []
     for start in range(0, len(updates), batch):
-        chunk = updates[start:start + batch]
+        chunk = updates[start : start + batch]
         items = [{"record_id": r, "bu": bu, "update": u} for r, bu, u in chunk]
         out.append((pack_body(items, use_json), len(chunk)))
     return out
@@ -254,7 +286,7 @@ def proc_cpu_seconds(pid: int) -> float:
     """utime + stime of a process (all its threads), in seconds."""
     with open(f"/proc/{pid}/stat") as fh:
         stat = fh.read()
-    fields_after_comm = stat[stat.rindex(")") + 2:].split()
+    fields_after_comm = stat[stat.rindex(")") + 2 :].split()
     return (int(fields_after_comm[11]) + int(fields_after_comm[12])) / CLK_TCK
 
 
@@ -283,7 +315,12 @@ def server_command(db: Path, port: int) -> list[str]:
     args = ["serve", "--db", str(db), "--host", "127.0.0.1", "--port", str(port)]
     if script.exists():
         return [str(script), *args]
-    return [sys.executable, "-c", "import sys; from server.cli import main; main(sys.argv[1:])", *args]
+    return [
+        sys.executable,
+        "-c",
+        "import sys; from server.cli import main; main(sys.argv[1:])",
+        *args,
+    ]
 
 
 class Server:
@@ -305,19 +342,28 @@ class Server:
     def start(self, timeout_s: float = 30.0) -> None:
         env = {**os.environ, "FIELDSYNC_JWT_SECRET": SECRET, "FIELDSYNC_LOG_LEVEL": "WARNING"}
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(server_command(self.db, self.port), env=env,
-                                         stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
+            self.proc = subprocess.Popen(
+                server_command(self.db, self.port),
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"the server exited with {self.proc.returncode}:\n{self.log_tail()}"
+                )
             try:
                 with urllib.request.urlopen(self.url + "/healthz", timeout=1) as resp:
                     if resp.status == 200:
                         return
             except OSError:
                 time.sleep(0.05)
-        raise RuntimeError(f"the server did not answer /healthz in {timeout_s} s:\n{self.log_tail()}")
+        raise RuntimeError(
+            f"the server did not answer /healthz in {timeout_s} s:\n{self.log_tail()}"
+        )
 
     def cpu_seconds(self) -> float:
         return proc_cpu_seconds(self.pid)
@@ -390,7 +436,7 @@ class WorkerResult:
 
 
 def worker_main(spec: PhaseSpec, index: int, barrier: Any, results: Any) -> None:
-    """One load-generator process: generate (untimed), wait for the start, push until the deadline."""
+    """One load-generator process: generate (untimed), wait for the start, push till the end."""
     try:
         started = time.perf_counter()
         plans = [_device_bodies(spec, index, d) for d in range(spec.devices)]
@@ -407,26 +453,35 @@ def worker_main(spec: PhaseSpec, index: int, barrier: Any, results: Any) -> None
     results.put(asdict(result))
 
 
-def _device_bodies(spec: PhaseSpec, worker: int, device: int) -> tuple[str, list[tuple[bytes, int]]]:
+def _device_bodies(
+    spec: PhaseSpec, worker: int, device: int
+) -> tuple[str, list[tuple[bytes, int]]]:
     number = worker * spec.devices + device
     client_id = spec.client_id_base + number
-    updates = device_updates(client_id, client_id, spec.items_per_device, spec.open_tasks, spec.edits)
+    updates = device_updates(
+        client_id, client_id, spec.items_per_device, spec.open_tasks, spec.edits
+    )
     return f"{spec.name}-dev-{number}", push_bodies(updates, spec.batch, spec.use_json)
 
 
-async def _drive(spec: PhaseSpec, index: int, plans: list[tuple[str, list[tuple[bytes, int]]]]
-                 ) -> WorkerResult:
+async def _drive(
+    spec: PhaseSpec, index: int, plans: list[tuple[str, list[tuple[bytes, int]]]]
+) -> WorkerResult:
     result = WorkerResult(index)
     cpu0, t0 = own_cpu_seconds(), time.perf_counter()
     deadline = t0 + spec.duration_s
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
-    sessions = [aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=1))
-                for _ in plans]
+    sessions = [
+        aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=1))
+        for _ in plans
+    ]
     try:
-        await asyncio.gather(*(
-            _drive_device(s, spec, device, bodies, deadline, result)
-            for s, (device, bodies) in zip(sessions, plans)
-        ))
+        await asyncio.gather(
+            *(
+                _drive_device(s, spec, device, bodies, deadline, result)
+                for s, (device, bodies) in zip(sessions, plans)
+            )
+        )
     finally:
         for s in sessions:
             await s.close()
@@ -435,8 +490,14 @@ async def _drive(spec: PhaseSpec, index: int, plans: list[tuple[str, list[tuple[
     return result
 
 
-async def _drive_device(session: aiohttp.ClientSession, spec: PhaseSpec, device: str,
-                        bodies: list[tuple[bytes, int]], deadline: float, result: WorkerResult) -> None:
+async def _drive_device(
+    session: aiohttp.ClientSession,
+    spec: PhaseSpec,
+    device: str,
+    bodies: list[tuple[bytes, int]],
+    deadline: float,
+    result: WorkerResult,
+) -> None:
     url = f"{spec.url}/api/v1/sync/{DOMAIN}/sync"
     headers = content_headers(spec.token, device, spec.use_json)
     for body, count in bodies:
@@ -509,9 +570,21 @@ class Profiler:
     def __init__(self, pid: int, out: Path, rate: int = 200) -> None:
         self.out = out
         self.rate = rate
-        self.cmd = [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(pid),
-                    "--format", "raw", "--function", "--threads", "--nonblocking",
-                    "--rate", str(rate), "-o", str(out)]
+        self.cmd = [
+            str(Path(sys.executable).with_name("py-spy")),
+            "record",
+            "--pid",
+            str(pid),
+            "--format",
+            "raw",
+            "--function",
+            "--threads",
+            "--nonblocking",
+            "--rate",
+            str(rate),
+            "-o",
+            str(out),
+        ]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -520,7 +593,9 @@ class Profiler:
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         time.sleep(0.3)
         if self.proc.poll() is not None:
-            raise RuntimeError(f"py-spy failed: {self.proc.stdout.read().decode() if self.proc.stdout else ''}")
+            raise RuntimeError(
+                f"py-spy failed: {self.proc.stdout.read().decode() if self.proc.stdout else ''}"
+            )
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -537,8 +612,10 @@ def run_phase(server: Server, spec: PhaseSpec, profiler: Profiler | None = None)
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(spec.clients + 1)
     queue = ctx.Queue()
-    procs = [ctx.Process(target=worker_main, args=(spec, i, barrier, queue), daemon=True)
-             for i in range(spec.clients)]
+    procs = [
+        ctx.Process(target=worker_main, args=(spec, i, barrier, queue), daemon=True)
+        for i in range(spec.clients)
+    ]
     for p in procs:
         p.start()
     try:
@@ -567,8 +644,9 @@ def run_phase(server: Server, spec: PhaseSpec, profiler: Profiler | None = None)
     return result
 
 
-def summarize_phase(spec: PhaseSpec, workers: list[WorkerResult], server_cpu: float,
-                    wall: float, rss: float) -> PhaseResult:
+def summarize_phase(
+    spec: PhaseSpec, workers: list[WorkerResult], server_cpu: float, wall: float, rss: float
+) -> PhaseResult:
     statuses: Counter[str] = Counter()
     for w in workers:
         statuses.update(w.statuses)
@@ -578,21 +656,31 @@ def summarize_phase(spec: PhaseSpec, workers: list[WorkerResult], server_cpu: fl
     client_cpu = sum(w.cpu_s for w in workers)
     errors = [w.first_error for w in workers if w.first_error]
     return PhaseResult(
-        name=spec.name, tenant=spec.tenant, batch=spec.batch, clients=spec.clients,
-        devices_per_client=spec.devices, duration_s=spec.duration_s, elapsed_s=elapsed,
-        requests=sum(w.requests for w in workers), acked=acked,
+        name=spec.name,
+        tenant=spec.tenant,
+        batch=spec.batch,
+        clients=spec.clients,
+        devices_per_client=spec.devices,
+        duration_s=spec.duration_s,
+        elapsed_s=elapsed,
+        requests=sum(w.requests for w in workers),
+        acked=acked,
         not_acked={k: v for k, v in statuses.items() if k not in ("created", "merged")},
-        http_errors=sum(w.http_errors for w in workers), first_error=errors[0] if errors else None,
+        http_errors=sum(w.http_errors for w in workers),
+        first_error=errors[0] if errors else None,
         updates_per_s=acked / elapsed if elapsed else 0.0,
         requests_per_s=sum(w.requests for w in workers) / elapsed if elapsed else 0.0,
-        latency_p50_ms=percentile(latencies, 0.50), latency_p99_ms=percentile(latencies, 0.99),
+        latency_p50_ms=percentile(latencies, 0.50),
+        latency_p99_ms=percentile(latencies, 0.99),
         latency_max_ms=max(latencies, default=0.0),
         server_cpu_s=server_cpu,
         server_cpu_us_per_update=server_cpu / acked * 1e6 if acked else 0.0,
         server_cpu_pct=server_cpu / wall * 100 if wall else 0.0,
-        client_cpu_s=client_cpu, client_cpu_pct=client_cpu / elapsed * 100 if elapsed else 0.0,
+        client_cpu_s=client_cpu,
+        client_cpu_pct=client_cpu / elapsed * 100 if elapsed else 0.0,
         generation_s=max((w.gen_s for w in workers), default=0.0),
-        devices_exhausted=sum(w.exhausted for w in workers), rss_mb_after=rss,
+        devices_exhausted=sum(w.exhausted for w in workers),
+        rss_mb_after=rss,
     )
 
 
@@ -616,10 +704,16 @@ class CatchupResult:
     rss_mb_after: float
 
 
-async def load_catchup_records(server: Server, tenant: str, token: str, n_records: int,
-                               edits: int, devices: int, use_json: bool
-                               ) -> tuple[dict[str, dict[str, Any]], float]:
-    """Create `n_records` records (+ `edits` edits each) over `devices` devices, 1000 items/request."""
+async def load_catchup_records(
+    server: Server,
+    tenant: str,
+    token: str,
+    n_records: int,
+    edits: int,
+    devices: int,
+    use_json: bool,
+) -> tuple[dict[str, dict[str, Any]], float]:
+    """Create `n_records` records (+ `edits` edits each) over `devices` devices, 1000 per push."""
     expected: dict[str, dict[str, Any]] = {}
     per_device = -(-n_records // devices)
     plans = []
@@ -631,8 +725,21 @@ async def load_catchup_records(server: Server, tenant: str, token: str, n_record
         updates = device_updates(client_id, client_id, records * (1 + edits), 500, edits, expected)
         plans.append((f"catchup-loader-{d}", push_bodies(updates, 1000, use_json)))
     started = time.perf_counter()
-    spec = PhaseSpec("catchup-load", tenant, 1000, 3600.0, 0, len(plans), 1, 500, edits,
-                     use_json, server.url, token, 0)
+    spec = PhaseSpec(
+        "catchup-load",
+        tenant,
+        1000,
+        3600.0,
+        0,
+        len(plans),
+        1,
+        500,
+        edits,
+        use_json,
+        server.url,
+        token,
+        0,
+    )
     result = await _drive(spec, 0, plans)
     acked = result.statuses.get("created", 0) + result.statuses.get("merged", 0)
     if acked != n_records * (1 + edits) or result.first_error:
@@ -644,7 +751,10 @@ def verify_docs(docs: dict[str, Doc[Any]], expected: dict[str, dict[str, Any]]) 
     """None if the docs hold exactly the expected records and fields, else what differs."""
     if set(docs) != set(expected):
         missing, extra = len(set(expected) - set(docs)), len(set(docs) - set(expected))
-        return f"{len(docs)} records received, {len(expected)} expected ({missing} missing, {extra} unexpected)"
+        return (
+            f"{len(docs)} records received, {len(expected)} expected"
+            f" ({missing} missing, {extra} unexpected)"
+        )
     wrong = 0
     example = None
     for record_id, doc in docs.items():
@@ -663,9 +773,15 @@ def apply_all(updates: list[tuple[str, bytes]]) -> tuple[dict[str, Doc[Any]], fl
     return docs, time.perf_counter() - started
 
 
-async def pull_all(session: aiohttp.ClientSession, server: Server, token: str, limit: int,
-                   use_json: bool, max_pages: int, time_limit_s: float
-                   ) -> tuple[list[tuple[str, bytes]], int, int]:
+async def pull_all(
+    session: aiohttp.ClientSession,
+    server: Server,
+    token: str,
+    limit: int,
+    use_json: bool,
+    max_pages: int,
+    time_limit_s: float,
+) -> tuple[list[tuple[str, bytes]], int, int]:
     """Page the change feed from the start: (record_id, update) pairs, pages, bytes."""
     url = f"{server.url}/api/v1/sync/{DOMAIN}/changes"
     headers = content_headers(token, "catchup-phone", use_json)
@@ -689,15 +805,21 @@ async def pull_all(session: aiohttp.ClientSession, server: Server, token: str, l
     raise RuntimeError(f"pull did not finish within {max_pages} pages / {time_limit_s} s")
 
 
-async def state_vector_catch_up(session: aiohttp.ClientSession, server: Server, token: str,
-                                record_ids: list[str], use_json: bool
-                                ) -> tuple[list[tuple[str, bytes]], int, int]:
+async def state_vector_catch_up(
+    session: aiohttp.ClientSession,
+    server: Server,
+    token: str,
+    record_ids: list[str],
+    use_json: bool,
+) -> tuple[list[tuple[str, bytes]], int, int]:
     url = f"{server.url}/api/v1/sync/{DOMAIN}/sync"
     headers = content_headers(token, "catchup-phone", use_json)
     out: list[tuple[str, bytes]] = []
     requests = received = 0
     for start in range(0, len(record_ids), 1000):
-        items = [{"record_id": r, "state_vector": b"\x00"} for r in record_ids[start:start + 1000]]
+        items = [
+            {"record_id": r, "state_vector": b"\x00"} for r in record_ids[start : start + 1000]
+        ]
         async with session.post(url, data=pack_body(items, use_json), headers=headers) as resp:
             raw = await resp.read()
             if resp.status != 200:
@@ -705,36 +827,53 @@ async def state_vector_catch_up(session: aiohttp.ClientSession, server: Server, 
         requests += 1
         received += len(raw)
         for item in unpack_body(raw, use_json)["results"]:
-            update = wire_bytes(item["update"], use_json)
-            if item["status"] == "error" or update is None:
+            if item["status"] == "error" or item["update"] is None:
                 raise RuntimeError(f"state-vector catch-up item failed: {item}")
-            out.append((item["record_id"], update))
+            out.append((item["record_id"], wire_bytes(item["update"], use_json)))
     return out, requests, received
 
 
-async def run_catchup(server: Server, args: argparse.Namespace) -> tuple[dict[str, Any], list[CatchupResult]]:
+async def run_catchup(
+    server: Server, args: argparse.Namespace
+) -> tuple[dict[str, Any], list[CatchupResult]]:
     tenant = "bench-catchup"
     token = mint(tenant)
     expected, load_s = await load_catchup_records(
-        server, tenant, token, args.catchup_records, args.catchup_edits, 4, args.json)
-    load = {"records": len(expected), "entries": len(expected) * (1 + args.catchup_edits),
-            "seconds": load_s, "rss_mb_after": server.rss_mb()}
+        server, tenant, token, args.catchup_records, args.catchup_edits, 4, args.json
+    )
+    load = {
+        "records": len(expected),
+        "entries": len(expected) * (1 + args.catchup_edits),
+        "seconds": load_s,
+        "rss_mb_after": server.rss_mb(),
+    }
     results = []
     max_pages = 4 * args.catchup_records + 10
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         for limit in args.pull_limits:
-            results.append(await _timed_catchup(
-                server, f"pull limit={limit}", expected,
-                pull_all(session, server, token, limit, args.json, max_pages, 300.0)))
-        results.append(await _timed_catchup(
-            server, "state-vector push x1000", expected,
-            state_vector_catch_up(session, server, token, sorted(expected), args.json)))
+            results.append(
+                await _timed_catchup(
+                    server,
+                    f"pull limit={limit}",
+                    expected,
+                    pull_all(session, server, token, limit, args.json, max_pages, 300.0),
+                )
+            )
+        results.append(
+            await _timed_catchup(
+                server,
+                "state-vector push x1000",
+                expected,
+                state_vector_catch_up(session, server, token, sorted(expected), args.json),
+            )
+        )
     return load, results
 
 
-async def _timed_catchup(server: Server, method: str, expected: dict[str, dict[str, Any]],
-                         fetch: Any) -> CatchupResult:
+async def _timed_catchup(
+    server: Server, method: str, expected: dict[str, dict[str, Any]], fetch: Any
+) -> CatchupResult:
     cpu0, t0 = server.cpu_seconds(), time.perf_counter()
     updates, requests, received = await fetch
     seconds, cpu = time.perf_counter() - t0, server.cpu_seconds() - cpu0
@@ -742,8 +881,19 @@ async def _timed_catchup(server: Server, method: str, expected: dict[str, dict[s
     problem = verify_docs(docs, expected)
     if problem:
         print(f"\n!!!!! CATCH-UP FAILED ({method}): {problem} !!!!!\n", flush=True)
-    return CatchupResult(method, seconds, requests, len(updates), received, apply_s, len(docs),
-                         problem is None, problem, cpu, server.rss_mb())
+    return CatchupResult(
+        method,
+        seconds,
+        requests,
+        len(updates),
+        received,
+        apply_s,
+        len(docs),
+        problem is None,
+        problem,
+        cpu,
+        server.rss_mb(),
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -770,10 +920,20 @@ STEPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("load: pin / evict / unpin", ("LiveRecords.",)),
     ("ownership preload", ("ClientOwners.",)),
     ("group commit (loop side)", ("(storage/",)),
-    ("body: read + msgpack/json decode + parse_items", ("read_body", "parse_items", "decode_msgpack",
-                                                       "decode_json")),
-    ("answer: to_wire + encode + metrics", ("to_wire", "_answer (server/sync_api", "_count (server/sync_api",
-                                            "encode (server/codec", "prometheus_client")),
+    (
+        "body: read + msgpack/json decode + parse_items",
+        ("read_body", "parse_items", "decode_msgpack", "decode_json"),
+    ),
+    (
+        "answer: to_wire + encode + metrics",
+        (
+            "to_wire",
+            "_answer (server/sync_api",
+            "_count (server/sync_api",
+            "encode (server/codec",
+            "prometheus_client",
+        ),
+    ),
     ("auth (JWT verify)", ("authenticate", "TokenVerifier", "(jwt/")),
     ("pipeline glue (rest)", ("(server/pipeline", "(server/sync_api")),
     ("aiohttp HTTP handling", ("(aiohttp/", "(multidict", "(yarl")),
@@ -821,7 +981,7 @@ def summarize_profile(raw_path: Path, seconds: float, rate: int, top: int = 15) 
         "busy_cores": round(samples / (seconds * rate), 2) if seconds else None,
         "threads": {k: pct(v) for k, v in threads.most_common()},
         "own": [(f, pct(n)) for f, n in own.most_common(top)],
-        "inclusive_project": [(f, pct(n)) for f, n in project[:top + 10]],
+        "inclusive_project": [(f, pct(n)) for f, n in project[: top + 10]],
         "steps": [(c, pct(n)) for c, n in steps.most_common()],
     }
 
@@ -851,43 +1011,62 @@ def logged_rows_by_tenant(db: Path) -> dict[str, int]:
 
 
 def print_phase_table(phases: list[PhaseResult]) -> None:
-    head = (f"{'batch':>6} {'upd/s':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'srv CPU':>8}"
-            f" {'srv µs/upd':>10} {'srv CPU%':>8} {'cli CPU%':>8} {'oth CPU%':>8} {'RSS MB':>7}"
-            f" {'acked':>8} {'logged':>8}")
+    head = (
+        f"{'batch':>6} {'upd/s':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'srv CPU':>8}"
+        f" {'srv µs/upd':>10} {'srv CPU%':>8} {'cli CPU%':>8} {'oth CPU%':>8} {'RSS MB':>7}"
+        f" {'acked':>8} {'logged':>8}"
+    )
     print("\nIngest (durable record-updates; every acked item is committed before the answer)")
     print(head)
     print("-" * len(head))
     for p in phases:
         logged = "-" if p.logged_rows is None else str(p.logged_rows)
-        print(f"{p.batch:>6} {p.updates_per_s:>8.0f} {p.requests_per_s:>8.0f} {p.latency_p50_ms:>8.1f}"
-              f" {p.latency_p99_ms:>8.1f} {p.server_cpu_s:>7.1f}s {p.server_cpu_us_per_update:>10.1f}"
-              f" {p.server_cpu_pct:>7.0f}% {p.client_cpu_pct:>7.0f}% {p.other_cpu_pct:>7.0f}% {p.rss_mb_after:>7.0f}"
-              f" {p.acked:>8} {logged:>8}")
+        print(
+            f"{p.batch:>6} {p.updates_per_s:>8.0f} {p.requests_per_s:>8.0f}"
+            f" {p.latency_p50_ms:>8.1f}"
+            f" {p.latency_p99_ms:>8.1f} {p.server_cpu_s:>7.1f}s {p.server_cpu_us_per_update:>10.1f}"
+            f" {p.server_cpu_pct:>7.0f}% {p.client_cpu_pct:>7.0f}% {p.other_cpu_pct:>7.0f}%"
+            f" {p.rss_mb_after:>7.0f}"
+            f" {p.acked:>8} {logged:>8}"
+        )
         if p.not_acked or p.http_errors or p.first_error:
-            print(f"       !! not acked: {p.not_acked}, HTTP errors {p.http_errors}: {p.first_error}")
+            print(
+                f"       !! not acked: {p.not_acked}, HTTP errors {p.http_errors}: {p.first_error}"
+            )
         if p.devices_exhausted:
-            print(f"       note: {p.devices_exhausted} devices ran out of pre-generated items "
-                  f"after {p.elapsed_s:.1f} s (raise --max-updates for a full-length phase)")
+            print(
+                f"       note: {p.devices_exhausted} devices ran out of pre-generated items "
+                f"after {p.elapsed_s:.1f} s (raise --max-updates for a full-length phase)"
+            )
 
 
 def print_catchup_table(load: dict[str, Any], results: list[CatchupResult], goal_s: float) -> None:
-    print(f"\nCatch-up of {load['records']} records ({load['entries']} log entries; loaded in"
-          f" {load['seconds']:.1f} s) by one fresh device")
-    head = (f"{'method':<26} {'seconds':>8} {'requests':>8} {'updates':>8} {'MB recv':>8}"
-            f" {'srv CPU s':>9} {'apply s':>8} {'records':>8} {'ok':>4} {'goal':>6}")
+    print(
+        f"\nCatch-up of {load['records']} records ({load['entries']} log entries; loaded in"
+        f" {load['seconds']:.1f} s) by one fresh device"
+    )
+    head = (
+        f"{'method':<26} {'seconds':>8} {'requests':>8} {'updates':>8} {'MB recv':>8}"
+        f" {'srv CPU s':>9} {'apply s':>8} {'records':>8} {'ok':>4} {'goal':>6}"
+    )
     print(head)
     print("-" * len(head))
     for r in results:
         goal = "met" if r.seconds <= goal_s else "MISS"
-        print(f"{r.method:<26} {r.seconds:>8.2f} {r.requests:>8} {r.changes:>8}"
-              f" {r.bytes_received / 1e6:>8.2f} {r.server_cpu_s:>9.2f} {r.apply_s:>8.2f}"
-              f" {r.records:>8} {'yes' if r.correct else 'NO':>4} {goal:>6}")
+        print(
+            f"{r.method:<26} {r.seconds:>8.2f} {r.requests:>8} {r.changes:>8}"
+            f" {r.bytes_received / 1e6:>8.2f} {r.server_cpu_s:>9.2f} {r.apply_s:>8.2f}"
+            f" {r.records:>8} {'yes' if r.correct else 'NO':>4} {goal:>6}"
+        )
         if r.problem:
             print(f"   !! {r.problem}")
 
 
 def print_profile(summary: dict[str, Any], out: Path) -> None:
-    print(f"\nServer profile, {summary['batch']}-item batches ({summary['samples']} py-spy samples, raw stacks in {out})")
+    print(
+        f"\nServer profile, {summary['batch']}-item batches ({summary['samples']} py-spy samples,"
+        f" raw stacks in {out})"
+    )
     print(f"busy cores (samples / (rate x seconds)): {summary['busy_cores']}")
     print("threads: " + ", ".join(f"{k} {v}%" for k, v in summary["threads"].items()))
     print("\nTop functions by own time:")
@@ -907,31 +1086,53 @@ def print_profile(summary: dict[str, Any], out: Path) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="a small < 30 s smoke run")
     p.add_argument("--batches", default="1,10,100,1000", help="batch sizes, comma-separated")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per ingest phase")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of unreported warm-up load")
     p.add_argument("--clients", type=int, default=4, help="load-generator processes")
     p.add_argument("--devices", type=int, default=4, help="devices (sessions) per process")
-    p.add_argument("--open-tasks", type=int, default=500,
-                   help="records a device creates before editing them round-robin")
+    p.add_argument(
+        "--open-tasks",
+        type=int,
+        default=500,
+        help="records a device creates before editing them round-robin",
+    )
     p.add_argument("--edits", type=int, default=3, help="edits per record after its creation")
-    p.add_argument("--max-updates", type=int, default=250_000,
-                   help="cap on pre-generated updates per phase (bounds every phase's work)")
-    p.add_argument("--rate-guess", type=float, default=25_000,
-                   help="updates/s to pre-generate for (x duration, capped by --max-updates)")
+    p.add_argument(
+        "--max-updates",
+        type=int,
+        default=250_000,
+        help="cap on pre-generated updates per phase (bounds every phase's work)",
+    )
+    p.add_argument(
+        "--rate-guess",
+        type=float,
+        default=25_000,
+        help="updates/s to pre-generate for (x duration, capped by --max-updates)",
+    )
     p.add_argument("--catchup-records", type=int, default=10_000)
     p.add_argument("--catchup-edits", type=int, default=1)
     p.add_argument("--catchup-goal", type=float, default=2.0, help="seconds")
     p.add_argument("--pull-limits", default="1000,5000")
     p.add_argument("--no-catchup", action="store_true")
-    p.add_argument("--json", action="store_true", help="JSON bodies (base64 bytes) instead of msgpack")
-    p.add_argument("--profile", action="store_true",
-                   help="py-spy the server during the --profile-batch phase (only that phase by default)")
-    p.add_argument("--profile-batch", type=int, default=100,
-                   help="the batch size whose phase --profile samples")
+    p.add_argument(
+        "--json", action="store_true", help="JSON bodies (base64 bytes) instead of msgpack"
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the server during the --profile-batch phase (only that phase by default)",
+    )
+    p.add_argument(
+        "--profile-batch",
+        type=int,
+        default=100,
+        help="the batch size whose phase --profile samples",
+    )
     p.add_argument("--out", type=Path, default=None, help="JSON results path")
     args = p.parse_args(argv)
     if args.quick:
@@ -950,21 +1151,35 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def phase_spec(server: Server, args: argparse.Namespace, name: str, batch: int,
-               duration: float, number: int) -> PhaseSpec:
+def phase_spec(
+    server: Server, args: argparse.Namespace, name: str, batch: int, duration: float, number: int
+) -> PhaseSpec:
     devices = args.clients * args.devices
     # batch 1 cannot reach the rate of large batches; generate less for it
     guess = args.rate_guess if batch >= 10 else args.rate_guess / 4
     total = min(args.max_updates, int(guess * duration * 1.2) + devices * batch)
     per_device = max(batch, -(-total // devices))
     tenant = f"bench-{name}"
-    return PhaseSpec(name, tenant, batch, duration, per_device, args.devices, args.clients,
-                     args.open_tasks, args.edits, args.json, server.url, mint(tenant),
-                     1_000_000 + number * 10_000)
+    return PhaseSpec(
+        name,
+        tenant,
+        batch,
+        duration,
+        per_device,
+        args.devices,
+        args.clients,
+        args.open_tasks,
+        args.edits,
+        args.json,
+        server.url,
+        mint(tenant),
+        1_000_000 + number * 10_000,
+    )
 
 
-def run_ingest(server: Server, args: argparse.Namespace, rss_log: dict[str, float]
-               ) -> tuple[list[PhaseResult], dict[str, Any] | None]:
+def run_ingest(
+    server: Server, args: argparse.Namespace, rss_log: dict[str, float]
+) -> tuple[list[PhaseResult], dict[str, Any] | None]:
     profile_summary = None
     if args.warmup > 0:
         warm = run_phase(server, phase_spec(server, args, "warmup", 10, args.warmup, 0))
@@ -977,14 +1192,21 @@ def run_ingest(server: Server, args: argparse.Namespace, rss_log: dict[str, floa
         if args.profile and batch == args.profile_batch:
             suffix = "" if batch == 100 else f"_b{batch}"
             profiler = Profiler(server.pid, RESULTS_DIR / f"http_sync_profile{suffix}.txt")
-        print(f"phase batch={batch}: {spec.clients} processes x {spec.devices} devices,"
-              f" {spec.items_per_device} updates pre-generated per device", flush=True)
+        print(
+            f"phase batch={batch}: {spec.clients} processes x {spec.devices} devices,"
+            f" {spec.items_per_device} updates pre-generated per device",
+            flush=True,
+        )
         result = run_phase(server, spec, profiler)
         phases.append(result)
         rss_log[f"after batch {batch}"] = result.rss_mb_after
-        print(f"  -> {result.updates_per_s:.0f} upd/s, p50 {result.latency_p50_ms:.1f} ms,"
-              f" p99 {result.latency_p99_ms:.1f} ms, server {result.server_cpu_us_per_update:.0f} µs/upd"
-              f" (generation took {result.generation_s:.1f} s)", flush=True)
+        print(
+            f"  -> {result.updates_per_s:.0f} upd/s, p50 {result.latency_p50_ms:.1f} ms,"
+            f" p99 {result.latency_p99_ms:.1f} ms,"
+            f" server {result.server_cpu_us_per_update:.0f} µs/upd"
+            f" (generation took {result.generation_s:.1f} s)",
+            flush=True,
+        )
         if profiler is not None:
             profile_summary = summarize_profile(profiler.out, result.elapsed_s, profiler.rate)
             profile_summary.update(batch=batch, raw=str(profiler.out))
@@ -1024,8 +1246,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     failed |= any(p.not_acked or p.http_errors or p.first_error for p in phases)
     failed |= any(not r.correct for r in catchup)
-    report(args, phases, load, catchup, rss_log, profile_summary, failed,
-           time.perf_counter() - run_started)
+    report(
+        args,
+        phases,
+        load,
+        catchup,
+        rss_log,
+        profile_summary,
+        failed,
+        time.perf_counter() - run_started,
+    )
     return 1 if failed else 0
 
 
@@ -1038,19 +1268,30 @@ def check_durability(db: Path, phases: list[PhaseResult]) -> bool:
     for p in phases:
         p.logged_rows = logged.get(p.tenant, 0)
         if p.logged_rows < p.acked:
-            print(f"\n!!!!! DURABILITY: batch {p.batch}: {p.acked} acked but {p.logged_rows}"
-                  " log rows !!!!!\n")
+            print(
+                f"\n!!!!! DURABILITY: batch {p.batch}: {p.acked} acked but {p.logged_rows}"
+                " log rows !!!!!\n"
+            )
             failed = True
     return failed
 
 
-def report(args: argparse.Namespace, phases: list[PhaseResult], load: dict[str, Any],
-           catchup: list[CatchupResult], rss_log: dict[str, float],
-           profile_summary: dict[str, Any] | None, failed: bool, run_s: float) -> None:
-    print(f"\nfieldsync HTTP sync benchmark — load average at start {args.loadavg},"
-          f" {os.cpu_count()} cores, {args.clients} load processes x"
-          f" {args.devices} devices, {'JSON' if args.json else 'msgpack'} bodies,"
-          f" {args.duration:.0f} s per phase")
+def report(
+    args: argparse.Namespace,
+    phases: list[PhaseResult],
+    load: dict[str, Any],
+    catchup: list[CatchupResult],
+    rss_log: dict[str, float],
+    profile_summary: dict[str, Any] | None,
+    failed: bool,
+    run_s: float,
+) -> None:
+    print(
+        f"\nfieldsync HTTP sync benchmark — load average at start {args.loadavg},"
+        f" {os.cpu_count()} cores, {args.clients} load processes x"
+        f" {args.devices} devices, {'JSON' if args.json else 'msgpack'} bodies,"
+        f" {args.duration:.0f} s per phase"
+    )
     if phases:
         print_phase_table(phases)
         b100 = [p for p in phases if p.batch == 100]

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pycrdt import Doc, TransactionEvent
+from pycrdt import Doc, TransactionEvent, merge_updates
 
 from crdt_models import record as records
 from crdt_models.registry import get_model
@@ -56,8 +56,6 @@ class LiveRecord:
             return None
         if len(changes) == 1:
             return changes[0]
-        from pycrdt import merge_updates
-
         merged: bytes = merge_updates(*changes)
         return merged
 

@@ -43,6 +43,7 @@ from .ownership import ClientOwners
 
 log = logging.getLogger(__name__)
 
+QUARANTINE_BYTES = 64 << 10
 Listener = Callable[[Sequence[LogEntry]], None]
 
 
@@ -136,7 +137,7 @@ class Pipeline:
         model = get_model(domain)
         tenant = actor.principal.tenant
         checked = [self._check(tenant, domain, item) for item in items]
-        quarantine = [c for c in checked if c.error and c.item.update is not None]
+        quarantine = [c for c in checked if c.error and c.error.code == ErrorCode.MALFORMED_UPDATE]
         recs = await self.live.pin_many(c.key for c in checked if c.error is None)
         try:
             await self.owners.preload(tenant, _clients(checked))
@@ -364,9 +365,14 @@ class Pipeline:
         return result
 
     def _quarantined(self, actor: Actor, c: _Checked, reason: str | None = None) -> QuarantineItem:
-        assert c.item.update is not None
+        """The update kept for inspection (its first QUARANTINE_BYTES), never in the change log."""
+        update = c.item.update
+        assert update is not None
         why = reason or (c.error.message if c.error else "rejected")
-        return QuarantineItem(c.key, actor.principal.user, actor.device, why, c.item.update)
+        if len(update) > QUARANTINE_BYTES:
+            why += f" ({len(update)} bytes, first {QUARANTINE_BYTES} kept)"
+        kept = update[:QUARANTINE_BYTES]
+        return QuarantineItem(c.key, actor.principal.user, actor.device, why, kept)
 
     # -- persist and fan out -----------------------------------------------
 
