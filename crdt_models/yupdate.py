@@ -3,13 +3,22 @@
 Why this module exists
 ----------------------
 pycrdt hands update bytes to the Rust ``yrs`` library, which is not a safe
-parser of hostile input (measured with pycrdt 0.14.13, see
-``/work/shared/reference/hostile-input.md``):
+parser of hostile input (measured with pycrdt 0.14.13 / yrs 0.28; every case is
+in ``tests/corpus/hostile/``, whose README says what each does unguarded):
 
 * a 28-byte update holding zero-length GC structs makes ``apply_update`` panic
   (divide by zero); the panic is a ``BaseException`` and leaves the doc broken;
+  other zero-length structs, and a client entry with no structs, panic it too
+  when the doc already holds that client's clock;
+* yrs keeps clocks and lengths as u32 and silently truncates larger values, so
+  a GC struct of length 2**32 is the same zero-length GC (and the same panic);
+  and clocks above 2**31 break its integration (items skip the pending queue,
+  index-out-of-bounds panics);
 * ``ff ff ff 7a`` as an update allocates ~540 MB before failing;
-* ``ff ff ff ff 01`` as a state vector allocates ~1 GB.
+* ``ff ff ff ff 01`` as a state vector allocates ~1 GB;
+* a 60 KB update of lib0 ``any`` arrays nested 30,000 deep segfaults the
+  process inside ``apply_update`` (20,000 deep applies, and reading the value
+  segfaults).
 
 The server therefore runs :func:`inspect_update` / :func:`inspect_state_vector`
 on every untrusted update or state vector *before* pycrdt sees it.  The parser
@@ -24,8 +33,11 @@ runs in time linear in the input and allocates almost nothing:
 * lib0 ``any`` values are walked iteratively with a depth limit;
 * anything no Yjs implementation writes is refused: zero-length structs and
   delete ranges, unknown content refs / type refs / any tags, struct info bits
-  that GC/Skip never carry, invalid UTF-8, clocks past 2**53, a client listed
-  twice in one section, and bytes after the delete set.
+  that GC/Skip never carry, invalid UTF-8, a client listed twice in one
+  section, and bytes after the delete set;
+* clocks (struct and delete-range ends, ID clocks, state-vector entries) stay
+  within :attr:`Limits.max_clock`: 2**31 - 1 by default (what yrs handles),
+  where lib0 alone would allow 2**53.
 
 Passing the gate does not mean yrs will integrate the update (it may still be
 missing causal dependencies or reference structs that do not exist); it means
@@ -38,6 +50,14 @@ info (and parentSub) is written only when both origins are absent; the parent
 info flag is a varUint 1 (root type name follows) or 0 (parent ID follows); a
 ContentString's struct length counts UTF-16 code units; GC and Skip structs
 carry a varUint length; delete-set lengths are plain varUints in v1.
+
+One deliberate refusal of something a real implementation writes: pycrdt's
+``Text`` indexes are UTF-8 byte offsets, and an edit at an offset inside a
+multi-byte character makes yrs write zero-length ContentString /
+ContentDeleted structs (the update is corrupt anyway: the inserted text names
+itself as its right origin).  Such structs can panic yrs, so they are refused.
+A delete-set client with zero ranges, which Yjs reads and yrs' merge passes
+through, is accepted.
 """
 
 from __future__ import annotations
@@ -57,8 +77,13 @@ __all__ = [
 
 _MAX_SAFE = (1 << 53) - 1
 """Largest varUint lib0 accepts (``Number.MAX_SAFE_INTEGER``)."""
-_CLOCK_LIMIT = 1 << 53
-"""A struct or delete range may not end past this clock."""
+_YRS_MAX_CLOCK = (1 << 31) - 1
+"""Largest clock yrs (under pycrdt) handles correctly.  It keeps clocks and
+lengths as u32 and silently truncates larger values (a GC struct of length
+2**32 becomes a zero-length GC and the divide-by-zero panic; an item at clock
+2**32 lands on clock 0), and above 2**31 its clock arithmetic goes wrong: an
+item at clock 2**31 + 1 of an unknown client is integrated instead of parked as
+pending, and such updates panic it with an index out of bounds."""
 
 
 class MalformedUpdate(ValueError):
@@ -83,6 +108,12 @@ class Limits:
     """Nesting of lib0 ``any`` containers (objects/arrays) in ContentAny values
     and ContentDoc options; a top-level array or object has depth 1."""
     max_delete_ranges: int = 100_000
+    max_clock: int = _YRS_MAX_CLOCK
+    """Largest clock a struct or delete range may end at (exclusive end), and
+    largest clock an ID (origin, right origin, parent) or state-vector entry
+    may name.  lib0 allows up to 2**53; the default, 2**31 - 1, is what yrs
+    handles correctly (see ``_YRS_MAX_CLOCK``).  Set ``1 << 53`` to check
+    against lib0 alone."""
 
 
 _DEFAULT_LIMITS = Limits()
@@ -186,15 +217,15 @@ def _utf8_check(data: bytes, start: int, end: int, what: str) -> None:
         try:
             chunk.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise MalformedUpdate(
-                f"invalid UTF-8 in {what} at byte {start + exc.start}"
-            ) from None
+            raise MalformedUpdate(f"invalid UTF-8 in {what} at byte {start + exc.start}") from None
+
+
+def _clock_error(what: str, pos: int, clock: int, max_clock: int) -> MalformedUpdate:
+    return MalformedUpdate(f"{what} clock {clock} at byte {pos} is past the limit {max_clock}")
 
 
 def _overrun(what: str, pos: int, n: int, size: int) -> MalformedUpdate:
-    return MalformedUpdate(
-        f"{what} at byte {pos} declares {n} bytes but only {size - pos} remain"
-    )
+    return MalformedUpdate(f"{what} at byte {pos} declares {n} bytes but only {size - pos} remain")
 
 
 def _skip_string(data: bytes, pos: int, size: int, what: str) -> int:
@@ -205,9 +236,7 @@ def _skip_string(data: bytes, pos: int, size: int, what: str) -> int:
         n, pos = _varuint_tail(data, pos, n)
     end = pos + n
     if end > size:
-        raise MalformedUpdate(
-            f"{what} at byte {pos} declares {n} bytes but only {size - pos} remain"
-        )
+        raise _overrun(what, pos, n, size)
     if n:
         _utf8_check(data, pos, end, what)
     return end
@@ -221,9 +250,7 @@ def _string_units(data: bytes, pos: int, size: int) -> tuple[int, int]:
         n, pos = _varuint_tail(data, pos, n)
     end = pos + n
     if end > size:
-        raise MalformedUpdate(
-            f"string at byte {pos} declares {n} bytes but only {size - pos} remain"
-        )
+        raise _overrun("string", pos, n, size)
     chunk = data[pos:end]
     if chunk.isascii():
         return n, end
@@ -245,9 +272,7 @@ def _skip_bytes(data: bytes, pos: int, size: int, what: str) -> int:
         n, pos = _varuint_tail(data, pos, n)
     end = pos + n
     if end > size:
-        raise MalformedUpdate(
-            f"{what} at byte {pos} declares {n} bytes but only {size - pos} remain"
-        )
+        raise _overrun(what, pos, n, size)
     return end
 
 
@@ -265,6 +290,8 @@ _ANY_OBJECT = 118
 _ANY_ARRAY = 117
 _ANY_BYTES = 116
 _ANY_NO_PAYLOAD = frozenset((_ANY_UNDEFINED, _ANY_NULL, _ANY_FALSE, _ANY_TRUE))
+_ANY_8_BYTES = frozenset((_ANY_FLOAT64, _ANY_BIGINT64))
+_ANY_CONTAINERS = frozenset((_ANY_OBJECT, _ANY_ARRAY))
 
 
 def _skip_any(data: bytes, pos: int, size: int, max_depth: int) -> int:
@@ -293,16 +320,11 @@ def _skip_any(data: bytes, pos: int, size: int, max_depth: int) -> int:
             pos += 4
         elif tag == _ANY_VARINT:
             pos = _varint_skip(data, pos)
-        elif tag == _ANY_FLOAT64 or tag == _ANY_BIGINT64:
+        elif tag in _ANY_8_BYTES:
             pos += 8
-        elif (
-            tag == _ANY_TRUE
-            or tag == _ANY_FALSE
-            or tag == _ANY_NULL
-            or tag == _ANY_UNDEFINED
-        ):
+        elif tag in _ANY_NO_PAYLOAD:
             pass
-        elif tag == _ANY_OBJECT or tag == _ANY_ARRAY:
+        elif tag in _ANY_CONTAINERS:
             n = data[pos]
             pos += 1
             if n >= 0x80:
@@ -312,7 +334,8 @@ def _skip_any(data: bytes, pos: int, size: int, max_depth: int) -> int:
             if (n * 2 if is_obj else n) > size - pos:
                 kind = "object" if is_obj else "array"
                 raise MalformedUpdate(
-                    f"any {kind} at byte {pos} declares {n} entries but only {size - pos} bytes remain"
+                    f"any {kind} at byte {pos} declares {n} entries "
+                    f"but only {size - pos} bytes remain"
                 )
             stack.append((remaining, in_object))
             if len(stack) > max_depth:
@@ -326,9 +349,7 @@ def _skip_any(data: bytes, pos: int, size: int, max_depth: int) -> int:
         else:
             raise MalformedUpdate(f"unknown lib0 any type {tag} at byte {pos - 1}")
         if pos > size:  # a fixed-width number ran past the end
-            raise MalformedUpdate(
-                f"any number runs past the end of the input (byte {size})"
-            )
+            raise MalformedUpdate(f"any number runs past the end of the input (byte {size})")
 
 
 # ContentType type refs (Yjs typeRefs table): YArray, YMap, YText,
@@ -356,9 +377,7 @@ def inspect_update(data: bytes, limits: Limits = _DEFAULT_LIMITS) -> UpdateShape
     data = _as_bytes(data)
     size = len(data)
     if size == 0:
-        raise MalformedUpdate(
-            "empty input at byte 0 (the empty update is b'\\x00\\x00')"
-        )
+        raise MalformedUpdate("empty input at byte 0 (the empty update is b'\\x00\\x00')")
     if size > limits.max_bytes:
         raise MalformedUpdate(
             f"update of {size} bytes exceeds the limit of {limits.max_bytes} (at byte 0)"
@@ -366,15 +385,14 @@ def inspect_update(data: bytes, limits: Limits = _DEFAULT_LIMITS) -> UpdateShape
     try:
         return _parse_update(data, size, limits)
     except IndexError:
-        raise MalformedUpdate(
-            f"update truncated: unexpected end of input at byte {size}"
-        ) from None
+        raise MalformedUpdate(f"update truncated: unexpected end of input at byte {size}") from None
 
 
 def _parse_update(data: bytes, size: int, limits: Limits) -> UpdateShape:
     vt = _varuint_tail
     max_structs = limits.max_structs
     max_depth = limits.max_any_depth
+    max_clock = limits.max_clock
     skip_string = _skip_string
     skip_any = _skip_any
     no_payload = _ANY_NO_PAYLOAD
@@ -396,7 +414,8 @@ def _parse_update(data: bytes, size: int, limits: Limits) -> UpdateShape:
         )
     if num_clients * 4 > size - pos:  # numStructs, client, clock, >= 1 struct
         raise MalformedUpdate(
-            f"update declares {num_clients} clients at byte 0; they cannot fit in the {size - pos} bytes that remain"
+            f"update declares {num_clients} clients at byte 0; "
+            f"they cannot fit in the {size - pos} bytes that remain"
         )
     for _ in range(num_clients):
         header = pos
@@ -440,7 +459,8 @@ def _parse_update(data: bytes, size: int, limits: Limits) -> UpdateShape:
             if ref == 0 or ref == 10:  # GC / Skip: varUint(len)
                 if info != ref:
                     raise MalformedUpdate(
-                        f"{'GC' if ref == 0 else 'Skip'} struct at byte {spos} has info bits {info:#x}"
+                        f"{'GC' if ref == 0 else 'Skip'} struct at byte {spos} "
+                        f"has info bits {info:#x}"
                     )
                 length = data[pos]
                 pos += 1
@@ -454,12 +474,10 @@ def _parse_update(data: bytes, size: int, limits: Limits) -> UpdateShape:
                     clock += length
                     continue
             elif ref > 9:
-                raise MalformedUpdate(
-                    f"unknown struct content ref {ref} at byte {spos}"
-                )
+                raise MalformedUpdate(f"unknown struct content ref {ref} at byte {spos}")
             else:
                 # ---- Item ----
-                if info & 0x80:  # origin: ID
+                if info & 0x80:  # origin: ID (client, clock)
                     b = data[pos]
                     pos += 1
                     if b >= 0x80:
@@ -468,7 +486,9 @@ def _parse_update(data: bytes, size: int, limits: Limits) -> UpdateShape:
                     pos += 1
                     if b >= 0x80:
                         b, pos = vt(data, pos, b)
-                if info & 0x40:  # right origin: ID
+                        if b > max_clock:
+                            raise _clock_error("origin", spos, b, max_clock)
+                if info & 0x40:  # right origin: ID (client, clock)
                     b = data[pos]
                     pos += 1
                     if b >= 0x80:
@@ -477,6 +497,8 @@ def _parse_update(data: bytes, size: int, limits: Limits) -> UpdateShape:
                     pos += 1
                     if b >= 0x80:
                         b, pos = vt(data, pos, b)
+                        if b > max_clock:
+                            raise _clock_error("right origin", spos, b, max_clock)
                 if not info & 0xC0:  # no origins: parent info follows
                     flag = data[pos]
                     pos += 1
@@ -491,7 +513,7 @@ def _parse_update(data: bytes, size: int, limits: Limits) -> UpdateShape:
                         if not data[pos:end].isascii():
                             _utf8_check(data, pos, end, "root type name")
                         pos = end
-                    elif flag == 0:
+                    elif flag == 0:  # parent: ID (client, clock)
                         b = data[pos]
                         pos += 1
                         if b >= 0x80:
@@ -500,6 +522,8 @@ def _parse_update(data: bytes, size: int, limits: Limits) -> UpdateShape:
                         pos += 1
                         if b >= 0x80:
                             b, pos = vt(data, pos, b)
+                            if b > max_clock:
+                                raise _clock_error("parent", spos, b, max_clock)
                     else:
                         raise MalformedUpdate(
                             f"parent info flag {flag} (not 0/1) at byte {pos - 1}"
@@ -527,7 +551,8 @@ def _parse_update(data: bytes, size: int, limits: Limits) -> UpdateShape:
                         )
                     if n > size - pos:
                         raise MalformedUpdate(
-                            f"ContentAny at byte {spos} declares {n} values but only {size - pos} bytes remain"
+                            f"ContentAny at byte {spos} declares {n} values "
+                            f"but only {size - pos} bytes remain"
                         )
                     for _ in range(n):
                         # Scalars (the common case) inline; containers, varInts
@@ -580,9 +605,7 @@ def _parse_update(data: bytes, size: int, limits: Limits) -> UpdateShape:
                     type_ref = data[pos]
                     pos += 1
                     if type_ref > _MAX_TYPE_REF:
-                        raise MalformedUpdate(
-                            f"unknown type ref {type_ref} at byte {pos - 1}"
-                        )
+                        raise MalformedUpdate(f"unknown type ref {type_ref} at byte {pos - 1}")
                     if type_ref in _NAMED_TYPE_REFS:
                         pos = skip_string(data, pos, size, "XML node name")
                     has_types = True
@@ -598,7 +621,8 @@ def _parse_update(data: bytes, size: int, limits: Limits) -> UpdateShape:
                         )
                     if n > size - pos:
                         raise MalformedUpdate(
-                            f"ContentJSON at byte {spos} declares {n} values but only {size - pos} bytes remain"
+                            f"ContentJSON at byte {spos} declares {n} values "
+                            f"but only {size - pos} bytes remain"
                         )
                     for _ in range(n):
                         pos = skip_string(data, pos, size, "JSON value")
@@ -622,9 +646,10 @@ def _parse_update(data: bytes, size: int, limits: Limits) -> UpdateShape:
                 first = clock
             clock += length
             last_end = clock
-        if clock > _CLOCK_LIMIT:
+        if clock > max_clock:
             raise MalformedUpdate(
-                f"client {client} at byte {header}: clock runs past 2**53"
+                f"client {client} at byte {header}: structs end at clock {clock}, "
+                f"past the limit {max_clock}"
             )
         if first >= 0:
             clients[client] = (first, last_end)
@@ -684,17 +709,17 @@ def _parse_update(data: bytes, size: int, limits: Limits) -> UpdateShape:
                 length, pos = vt(data, pos, length)
             if length == 0:
                 raise MalformedUpdate(f"zero-length delete range at byte {rpos}")
-            if clock + length > _CLOCK_LIMIT:
+            if clock + length > max_clock:
                 raise MalformedUpdate(
-                    f"delete range at byte {rpos} runs past clock 2**53"
+                    f"delete range at byte {rpos} ends at clock {clock + length}, "
+                    f"past the limit {max_clock}"
                 )
     if pos != size:
-        raise MalformedUpdate(
-            f"{size - pos} trailing bytes after the delete set at byte {pos}"
-        )
+        raise MalformedUpdate(f"{size - pos} trailing bytes after the delete set at byte {pos}")
     if ds_seen and len(seen | ds_seen) > limits.max_clients:
         raise MalformedUpdate(
-            f"update names more than {limits.max_clients} distinct clients (delete set at byte {ds_start})"
+            f"update names more than {limits.max_clients} distinct clients "
+            f"(delete set at byte {ds_start})"
         )
     return UpdateShape(
         clients=MappingProxyType(clients),
@@ -704,17 +729,13 @@ def _parse_update(data: bytes, size: int, limits: Limits) -> UpdateShape:
     )
 
 
-def inspect_state_vector(
-    data: bytes, limits: Limits = _DEFAULT_LIMITS
-) -> dict[int, int]:
+def inspect_state_vector(data: bytes, limits: Limits = _DEFAULT_LIMITS) -> dict[int, int]:
     """Parse a Yjs state vector (``varUint(n)`` then ``n`` x ``(client,
     clock)``) strictly; return ``{client: clock}``."""
     data = _as_bytes(data)
     size = len(data)
     if size == 0:
-        raise MalformedUpdate(
-            "empty input at byte 0 (the empty state vector is b'\\x00')"
-        )
+        raise MalformedUpdate("empty input at byte 0 (the empty state vector is b'\\x00')")
     if size > limits.max_bytes:
         raise MalformedUpdate(
             f"state vector of {size} bytes exceeds the limit of {limits.max_bytes} (at byte 0)"
@@ -727,7 +748,8 @@ def inspect_state_vector(
             n, pos = vt(data, pos, n)
         if n * 2 > size - pos:
             raise MalformedUpdate(
-                f"state vector declares {n} clients at byte 0; they cannot fit in the {size - pos} bytes that remain"
+                f"state vector declares {n} clients at byte 0; "
+                f"they cannot fit in the {size - pos} bytes that remain"
             )
         if n > limits.max_clients:
             raise MalformedUpdate(
@@ -744,6 +766,8 @@ def inspect_state_vector(
             pos += 1
             if clock >= 0x80:
                 clock, pos = vt(data, pos, clock)
+                if clock > limits.max_clock:
+                    raise _clock_error("state vector entry", entry, clock, limits.max_clock)
             if client in state:
                 raise MalformedUpdate(
                     f"client {client} appears twice in the state vector (byte {entry})"
@@ -754,9 +778,7 @@ def inspect_state_vector(
             f"state vector truncated: unexpected end of input at byte {size}"
         ) from None
     if pos != size:
-        raise MalformedUpdate(
-            f"{size - pos} trailing bytes after the state vector at byte {pos}"
-        )
+        raise MalformedUpdate(f"{size - pos} trailing bytes after the state vector at byte {pos}")
     return state
 
 
@@ -777,9 +799,7 @@ def encode_state_vector(state: Mapping[int, int]) -> bytes:
     for client in sorted(state, reverse=True):
         clock = state[client]
         if not 0 <= client <= _MAX_SAFE or not 0 <= clock <= _MAX_SAFE:
-            raise ValueError(
-                f"state vector entry {client}: {clock} is outside 0..2**53-1"
-            )
+            raise ValueError(f"state vector entry {client}: {clock} is outside 0..2**53-1")
         _write_varuint(out, client)
         _write_varuint(out, clock)
     return bytes(out)

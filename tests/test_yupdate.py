@@ -174,18 +174,23 @@ def test_delete_set_client_with_no_ranges_is_accepted() -> None:
     assert shape.delete_ranges == 0 and shape.is_empty()
 
 
+LIB0 = Limits(max_clock=1 << 53)  # lib0's own range instead of what yrs handles
+YRS_MAX = (1 << 31) - 1
+
+
 def test_varuint_boundaries() -> None:
     # the largest client id and clock lib0 can carry (53 bits) is fine ...
     ok = b"\x00\x01" + vu(MAX_SAFE) + b"\x01" + vu(MAX_SAFE - 1) + b"\x01"
-    assert inspect_update(ok).delete_ranges == 1
-    assert inspect_state_vector(b"\x01" + vu(MAX_SAFE) + vu(MAX_SAFE)) == {MAX_SAFE: MAX_SAFE}
+    assert inspect_update(ok, LIB0).delete_ranges == 1
+    sv = b"\x01" + vu(MAX_SAFE) + vu(MAX_SAFE)
+    assert inspect_state_vector(sv, LIB0) == {MAX_SAFE: MAX_SAFE}
     # ... one more is not
     with pytest.raises(MalformedUpdate, match="53 bits"):
-        inspect_state_vector(b"\x01" + vu(MAX_SAFE + 1) + b"\x00")
+        inspect_state_vector(b"\x01" + vu(MAX_SAFE + 1) + b"\x00", LIB0)
     # a range ending exactly at 2**53 is fine, one past is not
-    assert inspect_update(b"\x00\x01\x07\x01" + vu(MAX_SAFE) + b"\x01").delete_ranges == 1
-    with pytest.raises(MalformedUpdate, match="2\\*\\*53"):
-        inspect_update(b"\x00\x01\x07\x01" + vu(MAX_SAFE) + b"\x02")
+    assert inspect_update(b"\x00\x01\x07\x01" + vu(MAX_SAFE) + b"\x01", LIB0).delete_ranges == 1
+    with pytest.raises(MalformedUpdate, match="past the limit"):
+        inspect_update(b"\x00\x01\x07\x01" + vu(MAX_SAFE) + b"\x02", LIB0)
     # non-canonical but short varUints are read like lib0 reads them
     assert inspect_state_vector(b"\x01\x87\x00\x05") == {7: 5}
 
@@ -231,7 +236,8 @@ def test_any_depth_limit() -> None:
     # objects and arrays mix; every any type is understood
     scalars = [
         b"\x7f", b"\x7e", b"\x7d\x85\x01", b"\x7d\xc5\x01", b"\x7c\x00\x00\x80\x3f",
-        b"\x7b" + bytes(8), b"\x7a" + bytes(8), b"\x79", b"\x78", b"\x77" + vs("é"), b"\x74" + vs(b"\x00\xff"),
+        b"\x7b" + bytes(8), b"\x7a" + bytes(8), b"\x79", b"\x78",
+        b"\x77" + vs("é"), b"\x74" + vs(b"\x00\xff"),
     ]  # fmt: skip
     obj = b"\x76" + vu(len(scalars)) + b"".join(vs(f"k{i}") + v for i, v in enumerate(scalars))
     value = b"\x75\x02" + obj + b"\x75\x00"
@@ -264,11 +270,38 @@ def test_limits() -> None:
         inspect_state_vector(sv, Limits(max_bytes=3))
 
 
-def test_clock_may_reach_but_not_pass_2_pow_53() -> None:
+def test_clock_may_reach_but_not_pass_2_pow_53_under_lib0_limits() -> None:
     update = one_client(b"\x04\x01" + vs("t") + vs("x"), clock=2**53 - 1)
-    assert inspect_update(update).clients == {7: (2**53 - 1, 2**53)}
-    with pytest.raises(MalformedUpdate, match="2\\*\\*53"):
-        inspect_update(one_client(b"\x04\x01" + vs("t") + vs("xy"), clock=2**53 - 1))
+    assert inspect_update(update, LIB0).clients == {7: (2**53 - 1, 2**53)}
+    with pytest.raises(MalformedUpdate, match="past the limit"):
+        inspect_update(one_client(b"\x04\x01" + vs("t") + vs("xy"), clock=2**53 - 1), LIB0)
+
+
+def test_clocks_stay_in_yrs_range_by_default() -> None:
+    """yrs truncates clocks and lengths to u32 (GC(len 2**32) == GC(len 0)) and
+    mis-integrates clocks above 2**31, so the default limit is 2**31 - 1."""
+    root_item = b"\x04\x01" + vs("t") + vs("x")
+    assert inspect_update(one_client(root_item, clock=YRS_MAX - 1)).clients == {
+        7: (YRS_MAX - 1, YRS_MAX)
+    }
+    assert inspect_update(one_client(gc(YRS_MAX))).clients == {7: (0, YRS_MAX)}
+    refused = {
+        "struct end": one_client(root_item, clock=YRS_MAX),
+        "GC length": one_client(gc(1 << 32)),
+        "start clock": one_client(root_item, clock=(1 << 31) + 1),
+        "origin": one_client(b"\x84\x07" + vu(1 << 31) + vs("x")),
+        "right origin": one_client(b"\x44\x07" + vu(1 << 31) + vs("x")),
+        "parent": one_client(b"\x04\x00\x07" + vu(1 << 31) + vs("x")),
+        "delete range": b"\x00\x01\x07\x01" + vu(YRS_MAX) + b"\x01",
+    }
+    for what, update in refused.items():
+        with pytest.raises(MalformedUpdate, match="past the limit"):
+            inspect_update(update)
+        assert inspect_update(update, LIB0), what  # fine for lib0
+    assert inspect_update(b"\x00\x01\x07\x01" + vu(YRS_MAX - 1) + b"\x01").delete_ranges == 1
+    assert inspect_state_vector(b"\x01\x07" + vu(YRS_MAX)) == {7: YRS_MAX}
+    with pytest.raises(MalformedUpdate, match="past the limit"):
+        inspect_state_vector(b"\x01\x07" + vu(1 << 31))
 
 
 def test_bytes_like_input() -> None:
@@ -285,7 +318,7 @@ def test_encode_state_vector() -> None:
         encode_state_vector({1: 2, 300: 1 << 40}) == b"\x02" + vu(300) + vu(1 << 40) + b"\x01\x02"
     )
     state = {MAX_SAFE: 0, 0: MAX_SAFE, 5: 128}
-    assert inspect_state_vector(encode_state_vector(state)) == state
+    assert inspect_state_vector(encode_state_vector(state), LIB0) == state
     for bad in ({-1: 0}, {0: -1}, {MAX_SAFE + 1: 0}, {0: MAX_SAFE + 1}):
         with pytest.raises(ValueError):
             encode_state_vector(bad)
@@ -615,7 +648,7 @@ def valid_updates() -> list[bytes]:
 def mutate(rng: random.Random, data: bytes) -> bytes:
     buf = bytearray(data)
     for _ in range(rng.choice((1, 1, 1, 2, 3))):
-        op = rng.randrange(7)
+        op = rng.randrange(8)
         pos = rng.randrange(len(buf) + 1)
         if op == 0 and buf:  # flip a bit
             pos = min(pos, len(buf) - 1)
@@ -634,6 +667,15 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
         elif op == 5 and buf:  # duplicate a slice
             start = rng.randrange(len(buf))
             buf[pos:pos] = buf[start : start + rng.randint(1, 8)]
+        elif op == 6 and buf:  # replace the varUint at pos with another value
+            pos = min(pos, len(buf) - 1)
+            end = pos
+            while end < len(buf) - 1 and buf[end] & 0x80:
+                end += 1
+            value = rng.choice(
+                (0, 1, rng.randrange(1 << 14), rng.randrange(1 << 32), (1 << 31) + 1, 1 << 32)
+            )
+            buf[pos : end + 1] = vu(value)
         else:  # append
             buf += bytes([rng.randrange(256)])
     return bytes(buf)
@@ -674,7 +716,7 @@ def fuzz(seed: int, rounds: int) -> dict[str, int]:
 
 
 def test_mutated_updates_only_raise_malformed_update() -> None:
-    counts = fuzz(seed=20240501, rounds=6000)
+    counts = fuzz(seed=20240501, rounds=10_000)
     print("mutation fuzz:", counts)
     assert counts["rejected"] + counts["accepted"] == counts["mutants"]
     assert counts["rejected"] > counts["mutants"] // 2
@@ -692,7 +734,7 @@ def test_random_bytes_only_raise_malformed_update(data: bytes) -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(
-    st.dictionaries(st.integers(0, MAX_SAFE), st.integers(0, MAX_SAFE), max_size=20),
+    st.dictionaries(st.integers(0, MAX_SAFE), st.integers(0, YRS_MAX), max_size=20),
     st.data(),
 )
 def test_state_vector_mutations(state: dict[int, int], data: st.DataObject) -> None:
