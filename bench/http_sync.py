@@ -326,8 +326,9 @@ def server_command(db: Path, port: int) -> list[str]:
 class Server:
     """One `fieldsync serve` process on a temporary SQLite file; stopped by its own PID."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, src: Path | None = None) -> None:
         self.workdir = workdir
+        self.src = src
         self.db = workdir / "bench.db"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -341,6 +342,10 @@ class Server:
 
     def start(self, timeout_s: float = 30.0) -> None:
         env = {**os.environ, "FIELDSYNC_JWT_SECRET": SECRET, "FIELDSYNC_LOG_LEVEL": "WARNING"}
+        if self.src is not None:  # A/B runs: import server/storage/crdt_models from elsewhere
+            env["PYTHONPATH"] = os.pathsep.join(
+                filter(None, [str(self.src), env.get("PYTHONPATH")])
+            )
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 server_command(self.db, self.port),
@@ -504,9 +509,14 @@ async def _drive_device(
         if time.perf_counter() >= deadline:
             return
         started = time.perf_counter()
-        async with session.post(url, data=body, headers=headers) as resp:
-            raw = await resp.read()
-            status = resp.status
+        try:
+            async with session.post(url, data=body, headers=headers) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            result.http_errors += 1
+            result.first_error = result.first_error or f"request failed: {exc!r}"
+            return
         result.latencies_ms.append((time.perf_counter() - started) * 1000)
         result.requests += 1
         result.items_sent += count
@@ -905,14 +915,13 @@ async def _timed_catchup(
 # other threads than the event loop's are SQLite work (aiosqlite runs one thread per connection).
 SQLITE_THREADS = "sqlite (aiosqlite threads: execute, commit, fsync)"
 STEPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("merge: materialize + json.dumps", ("materialize (crdt_models", "dumps (json/")),
     ("merge: apply_update", ("apply_update (server/gate",)),
     ("merge: state_of (get_state + decode)", ("state_of (server/gate",)),
     ("merge: read_state (doc -> fields)", ("read_state (crdt_models",)),
     ("merge: constraints.evaluate", ("evaluate (crdt_models",)),
     ("merge: capture observer / take_captured", ("take_captured", "_capture (server/live")),
     ("merge: ownership check", ("_check_ownership",)),
-    ("merge: stage (doc.get_state, rows)", ("Pipeline._stage",)),
+    ("merge: stage (materialize, json.dumps, get_state)", ("materialize (crdt_models", "_stage")),
     ("merge: answer (diff / ItemResult)", ("Pipeline._answer",)),
     ("gate: inspect_update / state vector", ("Pipeline._check (",)),
     ("load: store.load_records (loop side)", ("load_records (storage", "_load_chunk (storage")),
@@ -922,7 +931,7 @@ STEPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("group commit (loop side)", ("(storage/",)),
     (
         "body: read + msgpack/json decode + parse_items",
-        ("read_body", "parse_items", "decode_msgpack", "decode_json"),
+        ("read_body", "parse_items", "_parse_item", "decode_msgpack", "decode_json"),
     ),
     (
         "answer: to_wire + encode + metrics",
@@ -939,6 +948,11 @@ STEPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("aiohttp HTTP handling", ("(aiohttp/", "(multidict", "(yarl")),
     ("asyncio loop + sockets", ("(asyncio/", "(selectors")),
 )
+# py-spy sometimes loses the callers of a generator frame; these name such orphans.
+ORPHANS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("merge: constraints.evaluate", ("(crdt_models/rules_common", "(crdt_models/values")),
+    ("json encoding (caller lost by py-spy)", ("(json/encoder",)),
+)
 PROJECT_CODE = ("(server/", "(crdt_models/", "(storage/", "(pycrdt/", "(json/", "(msgpack")
 
 
@@ -949,10 +963,11 @@ def _frames(stack: str) -> list[str]:
 def _step(frames: list[str], main_thread: bool) -> str:
     if not main_thread:
         return SQLITE_THREADS
-    for frame in reversed(frames):
-        for name, needles in STEPS:
-            if any(n in frame for n in needles):
-                return name
+    for rules in (STEPS, ORPHANS):
+        for frame in reversed(frames):
+            for name, needles in rules:
+                if any(n in frame for n in needles):
+                    return name
     return "other"
 
 
@@ -1062,7 +1077,7 @@ def print_catchup_table(load: dict[str, Any], results: list[CatchupResult], goal
             print(f"   !! {r.problem}")
 
 
-def print_profile(summary: dict[str, Any], out: Path) -> None:
+def print_profile(summary: dict[str, Any], out: Path, us_per_update: float | None) -> None:
     print(
         f"\nServer profile, {summary['batch']}-item batches ({summary['samples']} py-spy samples,"
         f" raw stacks in {out})"
@@ -1075,9 +1090,11 @@ def print_profile(summary: dict[str, Any], out: Path) -> None:
     print("\nTop project / pycrdt functions by inclusive time:")
     for name, share in summary["inclusive_project"]:
         print(f"  {share:>5.1f}%  {name}")
-    print("\nWhere the server's busy time goes (innermost recognised step of each sample):")
+    print("\nWhere the server's busy time goes (innermost recognised step of each sample;")
+    print(" µs/upd = share x the phase's server CPU per update, an estimate):")
     for name, share in summary["steps"]:
-        print(f"  {share:>5.1f}%  {name}")
+        us = f"{share * us_per_update / 100:6.0f} µs/upd" if us_per_update else ""
+        print(f"  {share:>5.1f}%  {us}  {name}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -1133,10 +1150,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=100,
         help="the batch size whose phase --profile samples",
     )
+    p.add_argument(
+        "--server-src",
+        type=Path,
+        default=None,
+        help="a folder holding server/, storage/, crdt_models/ to run instead (A/B a patch)",
+    )
     p.add_argument("--out", type=Path, default=None, help="JSON results path")
     args = p.parse_args(argv)
     if args.quick:
-        args.duration, args.warmup, args.clients, args.devices = 2.0, 0.5, 2, 2
+        args.duration, args.warmup, args.clients, args.devices = 1.5, 0.5, 2, 2
         args.max_updates, args.catchup_records, args.open_tasks = 10_000, 2_000, 200
     if args.profile and args.batches == p.get_default("batches"):
         args.batches = str(args.profile_batch)
@@ -1219,7 +1242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="fieldsync-bench-"))
-    server = Server(workdir)
+    server = Server(workdir, args.server_src)
     rss_log: dict[str, float] = {}
     phases: list[PhaseResult] = []
     catchup: list[CatchupResult] = []
@@ -1230,7 +1253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         server.start()
         rss_log["start"] = server.rss_mb()
-        print(f"server pid {server.pid} on {server.url}, db {server.db}", flush=True)
+        source = args.server_src or "the installed fieldsync"
+        print(f"server pid {server.pid} on {server.url}, db {server.db}, code: {source}")
         phases, profile_summary = run_ingest(server, args, rss_log)
         if not args.no_catchup:
             load, catchup = asyncio.run(run_catchup(server, args))
@@ -1302,7 +1326,11 @@ def report(
         print_catchup_table(load, catchup, args.catchup_goal)
     print("\nServer RSS (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in rss_log.items()))
     if profile_summary is not None:
-        print_profile(profile_summary, Path(profile_summary["raw"]))
+        cost = next(
+            (p.server_cpu_us_per_update for p in phases if p.batch == profile_summary["batch"]),
+            None,
+        )
+        print_profile(profile_summary, Path(profile_summary["raw"]), cost)
     print(f"\n{'FAILED' if failed else 'ok'} — total run {run_s:.0f} s; results in {args.out}")
     payload = {
         "machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]},

@@ -85,7 +85,7 @@ def read_state(doc: RecordDoc, model: DomainModel) -> RecordState:
 
 def read_map(ymap: Map[object]) -> dict[str, object]:
     """One level of a map: scalars as they are, anything else as NonScalar."""
-    return {key: scalar_or_marker(ymap[key]) for key in ymap}
+    return {key: scalar_or_marker(ymap[key]) for key in ymap.keys()}  # noqa: SIM118 - pycrdt types only keys()
 
 
 def scalar_or_marker(raw: object) -> object:

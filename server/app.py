@@ -13,18 +13,20 @@ from aiohttp import web
 from storage import Store, open_store
 from storage.types import NodeId, NodeInfo
 
-from . import ops_api, records_api, sync_api
+from . import device_socket, ops_api, records_api, sync_api
 from .auth import TokenVerifier
 from .compaction import run_periodically
 from .config import Config
 from .gate import UpdateGate
 from .http_errors import json_errors
+from .hub import Hub
 from .idempotency import Idempotency
 from .live import LiveRecords
 from .metrics import Metrics
 from .ownership import ClientOwners
 from .pipeline import Pipeline
 from .services import SERVICES, Services
+from .sockets import OpenSockets
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,15 @@ def create_app(config: Config) -> web.Application:
     app.add_routes(sync_api.routes)
     app.add_routes(records_api.routes)
     app.add_routes(ops_api.routes)
+    app.add_routes(device_socket.routes)
+    app.on_shutdown.append(_close_sockets)
     return app
+
+
+async def _close_sockets(app: web.Application) -> None:
+    svc = app.get(SERVICES)
+    if svc is not None:
+        await svc.sockets.close_all()
 
 
 def _lifecycle(config: Config) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -70,6 +80,8 @@ async def _services(config: Config, store: Store, node: NodeInfo) -> Services:
     owners = ClientOwners(store)
     await owners.load_server_ids()
     pipeline = Pipeline(store, live, owners, UpdateGate(config.limits), node)
+    hub = Hub()
+    pipeline.listeners.append(hub.publish)
     verifier = TokenVerifier(
         config.jwt_public_key or config.jwt_secret, config.jwt_algorithms, config.jwt_leeway_s
     )
@@ -82,4 +94,6 @@ async def _services(config: Config, store: Store, node: NodeInfo) -> Services:
         pipeline=pipeline,
         idempotency=Idempotency(store, config.idempotency_ttl_s),
         metrics=Metrics(),
+        hub=hub,
+        sockets=OpenSockets(),
     )

@@ -18,6 +18,18 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class SocketSettings:
+    hello_timeout_s: float = 10.0
+    heartbeat_s: float = 30.0
+    max_frame_bytes: int = 16 << 20
+    max_pending_pushes: int = 8
+    catch_up_page: int = 500
+    buffer_entries: int = 2000
+    buffer_bytes: int = 4 << 20
+    allowed_origins: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     db: str
     jwt_secret: str
@@ -25,6 +37,7 @@ class Config:
     jwt_public_key: str | None = None
     node_id: str | None = None
     limits: Limits = field(default_factory=Limits)
+    sockets: SocketSettings = field(default_factory=SocketSettings)
     cache_size: int = 10_000
     idempotency_ttl_s: float = 24 * 3600
     compaction_min_tail: int = 64

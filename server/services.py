@@ -11,10 +11,12 @@ from storage.types import NodeInfo
 
 from .auth import Principal, TokenVerifier, bearer_token
 from .config import Config
+from .hub import Hub
 from .idempotency import Idempotency
 from .live import LiveRecords
 from .metrics import Metrics
 from .pipeline import Pipeline
+from .sockets import OpenSockets
 
 
 @dataclass(slots=True)
@@ -27,6 +29,8 @@ class Services:
     pipeline: Pipeline
     idempotency: Idempotency
     metrics: Metrics
+    hub: Hub
+    sockets: OpenSockets
 
     def authenticate(self, request: web.Request) -> Principal:
         return self.verifier.verify(bearer_token(request))

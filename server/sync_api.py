@@ -8,16 +8,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
-from pycrdt import merge_updates
 
 from crdt_models.registry import UnknownDomain, get_model
-from storage.types import LogEntry, NodeId
 
 from . import codec
 from .auth import device_id, is_valid_id
+from .changes import advance, merge_page
 from .cursor import decode_cursor, encode_cursor
 from .errors import ApiError, ErrorCode
-from .gate import DocFailed, contained
 from .idempotency import request_hash
 from .pipeline import Actor, ItemResult, PushItem
 from .services import Services, services
@@ -153,41 +151,3 @@ def _limit(request: web.Request, default: int, maximum: int) -> int:
     if not raw.isdigit() or not 1 <= int(raw) <= maximum:
         raise ApiError(ErrorCode.BAD_REQUEST, f"limit must be an integer from 1 to {maximum}")
     return int(raw)
-
-
-def advance(clock: Mapping[NodeId, int], entries: list[LogEntry]) -> dict[NodeId, int]:
-    out = dict(clock)
-    for e in entries:
-        node, seq = e.position
-        if seq > out.get(node, 0):
-            out[node] = seq
-    return out
-
-
-def merge_page(entries: list[LogEntry]) -> list[dict[str, Any]]:
-    """One change per record: its updates in this page merged into one."""
-    by_record: dict[str, list[LogEntry]] = {}
-    for e in entries:
-        by_record.setdefault(e.key.record_id, []).append(e)
-    page = []
-    for record_id, group in by_record.items():
-        for update in _merged(group):
-            page.append(
-                {
-                    "record_id": record_id,
-                    "bu": group[-1].bu,
-                    "version": max(e.version for e in group),
-                    "update": update,
-                }
-            )
-    return page
-
-
-def _merged(group: list[LogEntry]) -> list[bytes]:
-    if len(group) == 1:
-        return [group[0].update]
-    try:
-        merged: bytes = contained("merge_updates", merge_updates, *(e.update for e in group))
-        return [merged]
-    except DocFailed:
-        return [e.update for e in group]

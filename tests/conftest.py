@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,16 @@ def config(tmp_path: Path) -> Config:
 async def client(aiohttp_client: Any, config: Config) -> TestClient:
     """A real aiohttp server on 127.0.0.1 over a real SQLite file."""
     return await aiohttp_client(create_app(config))
+
+
+@pytest.fixture
+def make_client(aiohttp_client: Any, config: Config) -> Callable[..., Awaitable[TestClient]]:
+    """A server with some settings changed: make_client(sockets=SocketSettings(...))."""
+
+    async def make(**changes: Any) -> TestClient:
+        return await aiohttp_client(create_app(dataclasses.replace(config, **changes)))
+
+    return make
 
 
 @pytest.fixture

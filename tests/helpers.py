@@ -208,3 +208,82 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+
+
+class SocketDevice:
+    """A device on the multiplexed socket, speaking msgpack frames."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self.changes: list[dict[str, Any]] = []
+        self.cursors: dict[str, str] = {}
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        await self.ws.send_bytes(msgpack.packb(frame))
+
+    async def recv(self, timeout: float = 5) -> dict[str, Any]:
+        msg = await self.ws.receive(timeout=timeout)
+        assert msg.type == aiohttp.WSMsgType.BINARY, (msg.type, msg.data, msg.extra)
+        frame: dict[str, Any] = msgpack.unpackb(msg.data)
+        if frame["t"] == "changes":
+            self.changes.extend(frame["changes"])
+            self.cursors[frame["domain"]] = frame["cursor"]
+        return frame
+
+    async def hello(
+        self,
+        tok: str,
+        device: str,
+        domains: list[str],
+        cursors: dict[str, str | None] | None = None,
+    ) -> dict[str, Any]:
+        await self.send(
+            {
+                "t": "hello",
+                "token": tok,
+                "device": device,
+                "domains": domains,
+                **({"cursors": cursors} if cursors is not None else {}),
+            }
+        )
+        welcome = await self.recv()
+        assert welcome["t"] == "welcome", welcome
+        return welcome
+
+    async def caught_up(self, domain: str) -> list[dict[str, Any]]:
+        """Read catch-up pages of one domain until has_more is false."""
+        while True:
+            frame = await self.recv()
+            if frame["t"] == "changes" and frame["domain"] == domain and not frame["has_more"]:
+                return self.changes
+
+    async def push(self, push_id: int, domain: str, items: list[dict[str, Any]]) -> dict[str, Any]:
+        await self.send({"t": "push", "id": push_id, "domain": domain, "items": items})
+        while True:
+            frame = await self.recv()
+            if frame["t"] in ("ack", "error") and frame.get("id") == push_id:
+                return frame
+
+    async def barrier(self) -> None:
+        """Everything the server sent before our ping has arrived once the pong does."""
+        await self.send({"t": "ping"})
+        while (await self.recv())["t"] != "pong":
+            pass
+
+    async def closed_with(self, timeout: float = 5) -> tuple[int | None, list[dict[str, Any]]]:
+        """Read until the server closes; returns the close code and any error frames."""
+        errors = []
+        while True:
+            msg = await self.ws.receive(timeout=timeout)
+            if msg.type == aiohttp.WSMsgType.BINARY:
+                frame = msgpack.unpackb(msg.data)
+                if frame["t"] == "error":
+                    errors.append(frame)
+                continue
+            if msg.type in (
+                aiohttp.WSMsgType.CLOSE,
+                aiohttp.WSMsgType.CLOSED,
+                aiohttp.WSMsgType.CLOSING,
+            ):
+                return self.ws.close_code, errors
+            raise AssertionError(f"unexpected {msg.type}")

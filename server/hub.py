@@ -1,0 +1,128 @@
+"""Fan-out of committed changes to live subscribers.
+
+The pipeline publishes each commit's log entries here, after the commit. A
+subscriber never gets more than a bounded buffer: one that falls behind is told so
+and catches up by reading the log from its cursor, the same path an offline device
+takes. Publishing is synchronous and never blocks on a slow client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from storage.types import LogEntry, NodeId, RecordKey
+
+from .auth import Principal
+
+
+@dataclass(frozen=True, slots=True)
+class BufferLimits:
+    max_entries: int = 2000
+    max_bytes: int = 4 << 20
+
+
+@dataclass(eq=False)
+class Feed:
+    """One subscriber's view of one scope: committed entries past its cursor, bounded."""
+
+    tenant: str
+    domain: str
+    bus: frozenset[str] | None
+    device: str | None
+    limits: BufferLimits
+    wakeup: asyncio.Event
+    record_id: str | None = None
+    clock: dict[NodeId, int] = field(default_factory=dict)
+    buffer: deque[LogEntry] = field(default_factory=deque)
+    buffered_bytes: int = 0
+    behind: bool = True  # starts by paging from its cursor
+    overflows: int = 0
+
+    def covers(self, entry: LogEntry) -> bool:
+        return self.bus is None or entry.bu in self.bus
+
+    def offer(self, entry: LogEntry) -> None:
+        if self.behind:
+            self.wakeup.set()
+            return
+        self.buffer.append(entry)
+        self.buffered_bytes += len(entry.update)
+        limits = self.limits
+        if len(self.buffer) > limits.max_entries or self.buffered_bytes > limits.max_bytes:
+            self.overflows += 1
+            self.fall_behind()
+        self.wakeup.set()
+
+    def fall_behind(self) -> None:
+        """Drop the buffer: the next read pages from the log at the cursor instead."""
+        self.buffer.clear()
+        self.buffered_bytes = 0
+        self.behind = True
+
+    def take(self) -> list[LogEntry]:
+        """Buffered entries past the cursor, oldest first; the cursor moves past them."""
+        taken = [e for e in self.buffer if e.position.seq > self.clock.get(e.position.node_id, 0)]
+        self.buffer.clear()
+        self.buffered_bytes = 0
+        self.advance(taken)
+        return taken
+
+    def advance(self, entries: Iterable[LogEntry]) -> None:
+        for e in entries:
+            node, seq = e.position
+            if seq > self.clock.get(node, 0):
+                self.clock[node] = seq
+
+    def is_echo(self, entry: LogEntry) -> bool:
+        """A device's own pushes are not sent back to it; compensations are."""
+        return self.device is not None and entry.device == self.device and entry.origin == "device"
+
+
+class Hub:
+    """Routes each committed entry to the feeds of its scope and of its record."""
+
+    def __init__(self) -> None:
+        self._feeds: dict[tuple[str, ...], set[Feed]] = {}
+
+    def subscribe(self, feed: Feed) -> None:
+        self._feeds.setdefault(_key(feed), set()).add(feed)
+
+    def unsubscribe(self, feed: Feed) -> None:
+        key = _key(feed)
+        feeds = self._feeds.get(key)
+        if feeds is not None:
+            feeds.discard(feed)
+            if not feeds:
+                del self._feeds[key]
+
+    def publish(self, entries: Sequence[LogEntry]) -> None:
+        for entry in entries:
+            key = entry.key
+            for feed in self._feeds.get((key.tenant, key.domain), ()):
+                if feed.covers(entry):
+                    feed.offer(entry)
+            for feed in self._feeds.get(key, ()):
+                feed.offer(entry)
+
+    def feed_count(self) -> int:
+        return sum(len(feeds) for feeds in self._feeds.values())
+
+
+def _key(feed: Feed) -> tuple[str, ...]:
+    """A scope feed listens to (tenant, domain); a record feed to its RecordKey."""
+    if feed.record_id is not None:
+        return RecordKey(feed.tenant, feed.domain, feed.record_id)
+    return (feed.tenant, feed.domain)
+
+
+def scope_feed(
+    principal: Principal,
+    domain: str,
+    device: str | None,
+    wakeup: asyncio.Event,
+    limits: BufferLimits,
+) -> Feed:
+    return Feed(principal.tenant, domain, principal.bus, device, limits, wakeup)
