@@ -13,8 +13,9 @@ from aiohttp import web
 from storage import Store, open_store
 from storage.types import NodeId, NodeInfo
 
-from . import device_socket, ops_api, records_api, sync_api
+from . import device_socket, ops_api, records_api, sync_api, yjs_socket
 from .auth import TokenVerifier
+from .awareness import Rooms
 from .compaction import run_periodically
 from .config import Config
 from .gate import UpdateGate
@@ -40,6 +41,7 @@ def create_app(config: Config) -> web.Application:
     app.add_routes(records_api.routes)
     app.add_routes(ops_api.routes)
     app.add_routes(device_socket.routes)
+    app.add_routes(yjs_socket.routes)
     app.on_shutdown.append(_close_sockets)
     return app
 
@@ -96,4 +98,5 @@ async def _services(config: Config, store: Store, node: NodeInfo) -> Services:
         metrics=Metrics(),
         hub=hub,
         sockets=OpenSockets(),
+        yjs_rooms=Rooms(),
     )

@@ -36,8 +36,8 @@ from storage.types import (
 )
 
 from .auth import Principal
-from .errors import ErrorCode, ItemError
-from .gate import DocFailed, UpdateGate, apply_update, diff, state_of
+from .errors import ApiError, ErrorCode, ItemError
+from .gate import DocFailed, UpdateGate, apply_update, contained, diff, state_of
 from .live import LiveRecord, LiveRecords, digest
 from .ownership import ClientOwners
 
@@ -149,6 +149,43 @@ class Pipeline:
         finally:
             self.live.unpin(recs.values())
         return merge.results
+
+    # -- reads of live records (for sockets that hold a record open) ---------
+
+    async def writable_bu(self, actor: Actor, key: RecordKey, bu: str | None) -> str:
+        """The bu `actor` may write `key` under (asking for a new record's bu), else ApiError."""
+        recs = await self.live.pin_many([key])
+        try:
+            rec = recs.get(key)
+            if rec is None:
+                raise ApiError(ErrorCode.STORAGE_UNAVAILABLE, "the record cannot be loaded")
+            return self._authorize(actor, PushItem(key.record_id, bu, b"", None), rec)
+        except ItemError as exc:
+            code = ErrorCode.NOT_FOUND if exc.code == ErrorCode.NOT_FOUND else ErrorCode.BAD_REQUEST
+            raise ApiError(code, exc.message) from None
+        finally:
+            self.live.unpin(recs.values())
+
+    async def state_vector(self, key: RecordKey) -> bytes:
+        """The record's current state vector (empty for a record not yet written)."""
+        return await self._read_doc(key, lambda rec: rec.doc.get_state())
+
+    async def full_state(self, key: RecordKey) -> bytes:
+        """The record's whole state as one update."""
+        return await self._read_doc(key, lambda rec: rec.doc.get_update())
+
+    async def _read_doc(self, key: RecordKey, read: Callable[[LiveRecord], bytes]) -> bytes:
+        recs = await self.live.pin_many([key])
+        try:
+            rec = recs.get(key)
+            if rec is None or rec.poisoned:
+                raise ApiError(ErrorCode.STORAGE_UNAVAILABLE, "the record cannot be loaded")
+            return contained("read a record", read, rec)
+        except DocFailed:
+            self.live.poison(recs[key])
+            raise ApiError(ErrorCode.STORAGE_UNAVAILABLE, "the record is reloading") from None
+        finally:
+            self.live.unpin(recs.values())
 
     # -- decode and authorize ---------------------------------------------
 

@@ -10,6 +10,7 @@ from storage import Store
 from storage.types import NodeInfo
 
 from .auth import Principal, TokenVerifier, bearer_token
+from .awareness import Rooms
 from .config import Config
 from .hub import Hub
 from .idempotency import Idempotency
@@ -31,6 +32,7 @@ class Services:
     metrics: Metrics
     hub: Hub
     sockets: OpenSockets
+    yjs_rooms: Rooms
 
     def authenticate(self, request: web.Request) -> Principal:
         return self.verifier.verify(bearer_token(request))
