@@ -21,7 +21,9 @@ What it does
    (a) by paging ``GET /api/v1/sync/activity/changes?limit=L`` (L = 1000 and 5000) and
    (b) by state-vector push (items carrying only ``state_vector = b"\\x00"``, 1000 per request).
    Each result is verified: applying every received update to empty pycrdt docs must give
-   exactly the expected records and fields (a mismatch fails the run, loudly).
+   exactly the expected records and fields (a mismatch fails the run, loudly). The records
+   were just written, so they are in the server's record cache: this is a warm catch-up.
+   ``apply s`` is the client's pycrdt time, reported apart from the fetch time.
 4. **Server resources**: RSS (``/proc/<pid>/status`` VmRSS; peak = VmHWM) at start and after
    every phase; server CPU (utime+stime of all its threads, ``/proc/<pid>/stat``) per phase,
    reported as CPU-µs per record-update. Load-generator CPU is reported too: the clients
@@ -29,7 +31,10 @@ What it does
 5. ``--profile``: samples the server with py-spy (``py-spy record --format raw``, stacks kept in
    ``bench/results/http_sync_profile.txt``) during the 100-item-batch phase (``--profile-batch``)
    and prints the top functions by own time plus a coarse "where the time goes" breakdown.
-   py-spy's sampling itself costs CPU, so the throughput of a profiled run is lower.
+   py-spy's sampling itself costs CPU, so the throughput of a profiled run is lower; shares
+   are of busy samples of all server threads (the aiosqlite threads run SQLite in C).
+6. ``--server-src DIR`` runs the server from another copy of ``server/``, ``storage/`` and
+   ``crdt_models/`` (via PYTHONPATH), to A/B a patch against the installed code.
 
 Reading the table
 -----------------
@@ -1168,10 +1173,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.pull_limits = [int(x) for x in args.pull_limits.split(",") if x.strip()]
     if any(not 1 <= b <= 1000 for b in args.batch_sizes):
         p.error("batch sizes must be 1..1000")
-    suffix = "" if args.profile_batch == 100 else f"_b{args.profile_batch}"
+    suffix = profile_suffix(args.profile_batch)
     default_name = f"http_sync_profile{suffix}.json" if args.profile else "http_sync.json"
     args.out = args.out or RESULTS_DIR / default_name
     return args
+
+
+def profile_suffix(batch: int) -> str:
+    return "" if batch == 100 else f"_b{batch}"
 
 
 def phase_spec(
@@ -1213,7 +1222,7 @@ def run_ingest(
         spec = phase_spec(server, args, f"b{batch}", batch, args.duration, number)
         profiler = None
         if args.profile and batch == args.profile_batch:
-            suffix = "" if batch == 100 else f"_b{batch}"
+            suffix = profile_suffix(batch)
             profiler = Profiler(server.pid, RESULTS_DIR / f"http_sync_profile{suffix}.txt")
         print(
             f"phase batch={batch}: {spec.clients} processes x {spec.devices} devices,"
@@ -1251,20 +1260,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = False
     run_started = time.perf_counter()
     try:
-        server.start()
-        rss_log["start"] = server.rss_mb()
-        source = args.server_src or "the installed fieldsync"
-        print(f"server pid {server.pid} on {server.url}, db {server.db}, code: {source}")
-        phases, profile_summary = run_ingest(server, args, rss_log)
-        if not args.no_catchup:
-            load, catchup = asyncio.run(run_catchup(server, args))
-            rss_log["after catch-up"] = server.rss_mb()
-        rss_log["peak (VmHWM)"] = server.peak_rss_mb()
-    finally:
-        code = server.stop()
-        if code not in (0, None, -signal.SIGTERM):
-            print(f"server exited with {code}:\n{server.log_tail()}")
-    try:
+        try:
+            server.start()
+            rss_log["start"] = server.rss_mb()
+            source = args.server_src or "the installed fieldsync"
+            print(f"server pid {server.pid} on {server.url}, db {server.db}, code: {source}")
+            phases, profile_summary = run_ingest(server, args, rss_log)
+            if not args.no_catchup:
+                load, catchup = asyncio.run(run_catchup(server, args))
+                rss_log["after catch-up"] = server.rss_mb()
+            rss_log["peak (VmHWM)"] = server.peak_rss_mb()
+        finally:
+            code = server.stop()
+            if code not in (0, None, -signal.SIGTERM):
+                print(f"server exited with {code}:\n{server.log_tail()}")
         failed |= check_durability(server.db, phases)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
