@@ -62,7 +62,7 @@ def _lifecycle(config: Config) -> Callable[[web.Application], AsyncIterator[None
             app[SERVICES] = await _services(config, store, node)
             log.info("node %s ready on %s", node.node_id, config.db)
             compactor = asyncio.create_task(
-                run_periodically(store, config.compaction_min_tail, config.compaction_interval_s),
+                run_periodically(app[SERVICES].pipeline, config.compaction_interval_s),
                 name="fieldsync-compaction",
             )
             try:
@@ -81,7 +81,9 @@ async def _services(config: Config, store: Store, node: NodeInfo) -> Services:
     live = LiveRecords(store, node.client_id, max(config.cache_size, 2 * config.limits.max_items))
     owners = ClientOwners(store)
     await owners.load_server_ids()
-    pipeline = Pipeline(store, live, owners, UpdateGate(config.limits), node)
+    pipeline = Pipeline(
+        store, live, owners, UpdateGate(config.limits), node, config.compaction_min_tail
+    )
     hub = Hub()
     pipeline.listeners.append(hub.publish)
     verifier = TokenVerifier(

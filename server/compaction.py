@@ -18,6 +18,7 @@ from storage import Store
 from storage.types import Fold, RecordKey, StoredRecord, WriteBatch
 
 from .gate import DocFailed, contained
+from .pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +58,29 @@ async def compact_due(
     return total
 
 
-async def run_periodically(store: Store, min_tail: int, interval_s: float) -> None:
+async def run_periodically(pipeline: Pipeline, interval_s: float, per_round: int = 200) -> None:
+    """Fold the records whose tails grew past the threshold, as the pipeline reports them."""
     while True:
         await asyncio.sleep(interval_s)
         try:
-            folded = await compact_due(store, min_tail)
-            await store.prune(time.time())
-            if folded:
-                log.info("compacted %d records", folded)
+            await compact_reported(pipeline, per_round)
+            await pipeline.store.prune(time.time())
         except Exception:  # noqa: BLE001 - a failed round is retried next interval
             log.exception("compaction round failed")
+
+
+async def compact_reported(pipeline: Pipeline, per_round: int = 200) -> int:
+    due = pipeline.compaction_due
+    total = 0
+    while due:
+        keys = [due.pop() for _ in range(min(per_round, len(due)))]
+        stored = await pipeline.store.load_records(keys)
+        folds = [f for s in stored.values() if (f := fold_of(s)) is not None]
+        if folds:
+            await pipeline.store.commit(WriteBatch(folds=folds))
+        for fold in folds:
+            pipeline.live.folded(fold.key, len(fold.through))
+        total += len(folds)
+    if total:
+        log.info("compacted %d records", total)
+    return total

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pycrdt import Doc, TransactionEvent, merge_updates
+from pycrdt import Doc, Subscription, TransactionEvent, merge_updates
 
 from crdt_models import record as records
 from crdt_models.registry import get_model
@@ -44,9 +45,23 @@ class LiveRecord:
     state: records.RecordState | None = None
     pending: set[bytes] = field(default_factory=set)
     captured: list[bytes] = field(default_factory=list)
+    sv: dict[int, int] | None = field(default_factory=dict)  # decoded state vector, None: stale
+    tail: int = 0  # log entries not yet folded into the stored snapshot
     pins: int = 0
     poisoned: bool = False
     settled: asyncio.Event = field(default_factory=asyncio.Event)
+    subscription: Subscription | None = None
+
+    def state_vector(self) -> dict[int, int]:
+        if self.sv is None:
+            self.sv = state_of(self.doc)
+        return self.sv
+
+    def release(self) -> None:
+        """Drop the doc's observer: pycrdt keeps an observed doc alive (and its memory) forever."""
+        if self.subscription is not None:
+            self.doc.unobserve(self.subscription)
+            self.subscription = None
 
     def take_captured(self) -> bytes | None:
         """The integrated delta of the transactions since the last call (None: nothing changed)."""
@@ -116,6 +131,7 @@ class LiveRecords:
                 rec.settled.set()
                 if rec.poisoned:
                     self._settling.pop(rec.key, None)
+                    rec.release()
         self._evict()
 
     def poison(self, rec: LiveRecord) -> None:
@@ -129,11 +145,8 @@ class LiveRecords:
         if rec.pins > 0:
             rec.settled.clear()
             self._settling[rec.key] = rec
-
-    def drop_all(self) -> None:
-        """Forget every doc (after a storage failure nothing in memory is trusted)."""
-        for rec in list(self._live.values()):
-            self.poison(rec)
+        else:
+            rec.release()
 
     async def _await_settling(self, keys: list[RecordKey]) -> None:
         for key in keys:
@@ -170,7 +183,7 @@ class LiveRecords:
     def _new(self, key: RecordKey) -> LiveRecord:
         doc = records.new_doc(client_id=self._client_id)
         rec = LiveRecord(key=key, doc=doc)
-        doc.observe(lambda event: _capture(rec, event))
+        rec.subscription = doc.observe(lambda event: _capture(rec, event))
         return rec
 
     def _build(self, key: RecordKey, stored: StoredRecord | None) -> LiveRecord:
@@ -187,17 +200,25 @@ class LiveRecords:
             log.error("stored record %s does not load: %s", key, exc)
             raise RecordUnavailable(str(key)) from exc
         rec.captured.clear()
+        rec.sv, rec.tail = sv, len(stored.tail)
         rec.bu, rec.version, rec.exists = stored.row.bu, stored.row.version, True
         rec.state = records.read_state(rec.doc, get_model(key.domain))
         rec.pending = {digest(e.update) for e in stored.tail if _adds_beyond(e.update, sv)}
         return rec
 
+    def folded(self, key: RecordKey, entries: int) -> None:
+        """Compaction folded `entries` of the record's tail into its snapshot."""
+        rec = self._live.get(key)
+        if rec is not None:
+            rec.tail = max(0, rec.tail - entries)
+
     def _evict(self) -> None:
         excess = len(self._live) - self._capacity
         if excess <= 0:
             return
-        for key in [k for k, r in self._live.items() if r.pins == 0][:excess]:
-            del self._live[key]
+        unpinned = (k for k, r in self._live.items() if r.pins == 0)
+        for key in list(itertools.islice(unpinned, excess)):
+            self._live.pop(key).release()
 
 
 def _resolve(fut: asyncio.Future[LiveRecord], exc: BaseException) -> None:

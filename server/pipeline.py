@@ -119,6 +119,7 @@ class Pipeline:
         owners: ClientOwners,
         gate: UpdateGate,
         node: NodeInfo,
+        compact_after: int = 64,
     ) -> None:
         self.store = store
         self.live = live
@@ -126,6 +127,8 @@ class Pipeline:
         self.gate = gate
         self.node = node
         self.listeners: list[Listener] = []
+        self.compact_after = compact_after
+        self.compaction_due: set[RecordKey] = set()
 
     async def push(
         self,
@@ -238,13 +241,12 @@ class Pipeline:
         if c.item.update is None:
             return self._catch_up(c.item, rec)
         assert c.shape is not None
-        sv = state_of(rec.doc)
-        self._check_ownership(actor, c.shape, sv, merge)
+        self._check_ownership(actor, c.shape, rec.state_vector(), merge)
         created = not rec.exists
         before = rec.state
         try:
             apply_update(rec.doc, c.item.update)
-            after_sv = state_of(rec.doc)
+            rec.sv = after_sv = state_of(rec.doc)
         except DocFailed as exc:
             self.live.poison(rec)
             merge.batch.quarantine.append(self._quarantined(actor, c, str(exc)))
@@ -323,6 +325,7 @@ class Pipeline:
         if corrections:
             try:
                 constraints.compensate(rec.doc, corrections)
+                rec.sv = None
             except Exception:  # noqa: BLE001 - a failed compensation must not leave a half doc
                 self.live.poison(rec)
                 log.exception("compensation failed on %s", rec.key)
@@ -376,6 +379,9 @@ class Pipeline:
             )
         )
         merge.touched[rec.key] = rec
+        rec.tail += 2 if compensation is not None else 1
+        if rec.tail >= self.compact_after:
+            self.compaction_due.add(rec.key)
 
     def _answer(
         self,
@@ -398,7 +404,7 @@ class Pipeline:
                 update = None
         result = ItemResult(item.record_id, status, rec.version, update, decisions)
         if status == "pending":
-            result.state_vector = encode_state_vector(state_of(rec.doc))
+            result.state_vector = encode_state_vector(rec.state_vector())
         return result
 
     def _quarantined(self, actor: Actor, c: _Checked, reason: str | None = None) -> QuarantineItem:

@@ -2,10 +2,11 @@
 
 A stock `y-websocket` WebsocketProvider syncs a record through here unmodified. Frames
 are y-protocols messages (varUint framing): sync step 1/2 and update (type 0), awareness
-(type 1, relayed to the record's other peers), query-awareness (type 3). Updates go
-through the same pipeline as every other write, constraints included; every committed
-change of the record — the peer's own update too, which the newest providers use as
-their acknowledgement, and any compensation — is sent to every peer of the record.
+(type 1, relayed to every peer of the record, the sender included, as the reference
+server does), query-awareness (type 3). Updates go through the same pipeline as every
+other write, constraints included; every committed change of the record — the peer's own
+update too, which the newest providers use as their acknowledgement, and any
+compensation — is sent to every peer of the record.
 """
 
 from __future__ import annotations
@@ -170,9 +171,8 @@ class YjsPeer:
             self.awareness_clients.add(client)
             self.room.awareness[client] = (clock, state)
         frame = message(AWARENESS, payload)
-        for peer in self.room.peers:
-            if peer is not self:
-                peer.send_soon(frame)
+        for peer in self.room.peers:  # the sender too: y-websocket's 30 s liveness needs it
+            peer.send_soon(frame)
 
     def send_soon(self, frame: bytes) -> None:
         """Queue an awareness frame; a peer too slow to take it loses it (awareness is lossy)."""

@@ -75,6 +75,10 @@ MIGRATIONS: tuple[str, ...] = (
         received_at REAL NOT NULL
     );
     """,
+    # 2: loads read the tail through log_by_record; the partial index cost every append
+    """
+    DROP INDEX log_unfolded;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

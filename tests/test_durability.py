@@ -15,7 +15,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from server.app import create_app
-from server.compaction import compact_due
+from server.compaction import compact_due, compact_reported
 from server.config import Config
 from server.services import SERVICES
 from storage import RecordKey
@@ -197,3 +197,30 @@ async def test_a_failed_commit_answers_503_and_changes_nothing(api: Any, config:
     # the retry succeeds
     retry = await dev.push("activity", [{"record_id": kept, "update": lost}])
     assert retry[0]["status"] == "merged" and retry[0]["version"] == 2
+
+
+async def test_records_whose_tail_grew_are_compacted_and_stay_intact(
+    make_client: Any,
+) -> None:
+    client = await make_client(compaction_min_tail=4)
+    dev = Api(client, token())
+    r = str(uuid.uuid4())
+    rep = Replica()
+    await dev.push("activity", [{"record_id": r, "bu": "bu1", "update": rep.set(jobdesc="v0")}])
+    for i in range(5):
+        await dev.push("activity", [{"record_id": r, "update": rep.set(remarks=f"r{i}")}])
+    pipeline = client.server.app[SERVICES].pipeline
+    assert RecordKey("t1", "activity", r) in pipeline.compaction_due
+    assert await compact_reported(pipeline) == 1
+    key = RecordKey("t1", "activity", r)
+    stored = (await pipeline.store.load_records([key]))[key]
+    assert stored.tail == () and stored.row.snapshot
+    assert pipeline.compaction_due == set()
+    await dev.push("activity", [{"record_id": r, "update": rep.set(priority="LOW")}])
+    record = await (await client.get(f"/api/v1/records/activity/{r}", headers=dev.headers())).json()
+    assert record["fields"] == {"jobdesc": "v0", "remarks": "r4", "priority": "LOW"}
+    changes, _ = await dev.pull_all("activity")
+    fresh = Replica()
+    for change in changes:
+        fresh.apply(change["update"])
+    assert fresh.state() == record["fields"]
