@@ -6,6 +6,7 @@ import os
 import re
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from aiohttp import web
 from .errors import ApiError, ErrorCode
 
 SECRET_ENV = "FIELDSYNC_JWT_SECRET"
+VERIFIED_CACHE = 10_000
 ALL_BUS = "*"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
 
@@ -46,8 +48,22 @@ class TokenVerifier:
         self._key = key
         self._algorithms = list(algorithms)
         self._leeway = leeway_s
+        self._verified: OrderedDict[str, Principal] = OrderedDict()
 
     def verify(self, token: str) -> Principal:
+        """The token's principal. Verified tokens are remembered until they expire."""
+        known = self._verified.get(token)
+        if known is not None:
+            if known.expires_at + self._leeway > time.time():
+                return known
+            del self._verified[token]
+        principal = self._decode(token)
+        self._verified[token] = principal
+        if len(self._verified) > VERIFIED_CACHE:
+            self._verified.popitem(last=False)
+        return principal
+
+    def _decode(self, token: str) -> Principal:
         try:
             claims = jwt.decode(
                 token,

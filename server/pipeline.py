@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from crdt_models import constraints
 from crdt_models import record as records
@@ -47,8 +47,7 @@ QUARANTINE_BYTES = 64 << 10
 Listener = Callable[[Sequence[LogEntry]], None]
 
 
-@dataclass(frozen=True, slots=True)
-class PushItem:
+class PushItem(NamedTuple):
     record_id: str
     bu: str | None
     update: bytes | None

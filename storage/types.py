@@ -28,8 +28,7 @@ class NodeInfo:
     client_id: int
 
 
-@dataclass(frozen=True, slots=True)
-class NewEntry:
+class NewEntry(NamedTuple):
     """An update to append to the change log."""
 
     key: RecordKey
@@ -42,8 +41,7 @@ class NewEntry:
     decisions: str = "[]"
 
 
-@dataclass(frozen=True, slots=True)
-class LogEntry:
+class LogEntry(NamedTuple):
     position: Position
     key: RecordKey
     bu: str
@@ -56,8 +54,7 @@ class LogEntry:
     received_at: float
 
 
-@dataclass(frozen=True, slots=True)
-class RecordWrite:
+class RecordWrite(NamedTuple):
     """The record row as it stands after a batch (upserted; the snapshot is untouched)."""
 
     key: RecordKey
