@@ -20,7 +20,7 @@ from storage import RecordKey, open_store
 
 from .auth import mint_token, resolve_secret
 from .compaction import compact_due
-from .config import Config
+from .config import Config, SocketSettings
 from .records_api import iso, record_json
 
 DEFAULT_DB = "fieldsync.db"
@@ -44,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--node-id", default=os.environ.get("FIELDSYNC_NODE_ID"))
+    serve.add_argument(
+        "--allow-origin",
+        action="append",
+        default=_split(os.environ.get("FIELDSYNC_ALLOWED_ORIGINS", "")),
+        help="a browser Origin allowed to open sockets (repeatable; default: same host only)",
+    )
     serve.set_defaults(run=_serve)
 
     token = sub.add_parser("token", help="print a signed JWT for a user")
@@ -83,7 +89,8 @@ def _split(value: str) -> list[str]:
 
 def _serve(args: argparse.Namespace) -> None:
     secret, source = resolve_secret(args.db)
-    config = Config(db=args.db, jwt_secret=secret, node_id=args.node_id)
+    sockets = SocketSettings(allowed_origins=frozenset(args.allow_origin))
+    config = Config(db=args.db, jwt_secret=secret, node_id=args.node_id, sockets=sockets)
     from .app import create_app
 
     app = create_app(config)

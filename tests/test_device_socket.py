@@ -232,3 +232,28 @@ async def test_shutdown_closes_sockets_with_going_away(client: TestClient) -> No
     await client.server.app.shutdown()
     code, _ = await closing
     assert code == CloseCode.GOING_AWAY
+
+
+async def test_browser_origins_must_be_allowed(
+    make_client: Callable[..., Awaitable[TestClient]],
+) -> None:
+    client = await make_client(
+        sockets=SocketSettings(allowed_origins=frozenset({"https://app.example"}))
+    )
+    for url in (WS, "/api/v1/yjs/activity/r1?token=x&bu=bu1"):
+        resp = await client.get(
+            url,
+            headers={
+                "Origin": "https://evil.example",
+                "Connection": "Upgrade",
+                "Upgrade": "websocket",
+                "Sec-WebSocket-Version": "13",
+                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            },
+        )
+        assert resp.status == 403
+        assert (await resp.json())["error"]["code"] == "forbidden"
+    ok = await client.ws_connect(WS, headers={"Origin": "https://app.example"})
+    await ok.close()
+    native = await client.ws_connect(WS)  # native apps send no Origin
+    await native.close()
