@@ -26,6 +26,7 @@ from .live import LiveRecords
 from .metrics import Metrics
 from .ownership import ClientOwners
 from .pipeline import Pipeline
+from .ratelimit import RateLimiter
 from .services import SERVICES, Services
 from .sockets import OpenSockets
 
@@ -101,4 +102,5 @@ async def _services(config: Config, store: Store, node: NodeInfo) -> Services:
         hub=hub,
         sockets=OpenSockets(),
         yjs_rooms=Rooms(),
+        limiter=RateLimiter(config.rates),
     )

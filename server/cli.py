@@ -21,6 +21,7 @@ from storage import RecordKey, open_store
 from .auth import mint_token, resolve_secret
 from .compaction import compact_due
 from .config import Config, SocketSettings
+from .ratelimit import Rate, RateSettings
 from .records_api import iso, record_json
 
 DEFAULT_DB = "fieldsync.db"
@@ -49,6 +50,22 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=_split(os.environ.get("FIELDSYNC_ALLOWED_ORIGINS", "")),
         help="a browser Origin allowed to open sockets (repeatable; default: same host only)",
+    )
+    for scope, default in (
+        ("device", "60/minute"),
+        ("user", "120/minute"),
+        ("tenant", "6000/minute"),
+    ):
+        serve.add_argument(
+            f"--rate-{scope}",
+            type=Rate.parse,
+            default=Rate.parse(os.environ.get(f"FIELDSYNC_RATE_{scope.upper()}", default)),
+            help=f"sync requests per {scope}: N/second|minute|hour (default {default})",
+        )
+    serve.add_argument(
+        "--sockets-per-device",
+        type=int,
+        default=int(os.environ.get("FIELDSYNC_SOCKETS_PER_DEVICE", "4")),
     )
     serve.set_defaults(run=_serve)
 
@@ -90,7 +107,12 @@ def _split(value: str) -> list[str]:
 def _serve(args: argparse.Namespace) -> None:
     secret, source = resolve_secret(args.db)
     sockets = SocketSettings(allowed_origins=frozenset(args.allow_origin))
-    config = Config(db=args.db, jwt_secret=secret, node_id=args.node_id, sockets=sockets)
+    rates = RateSettings(
+        args.rate_device, args.rate_user, args.rate_tenant, args.sockets_per_device
+    )
+    config = Config(
+        db=args.db, jwt_secret=secret, node_id=args.node_id, sockets=sockets, rates=rates
+    )
     from .app import create_app
 
     app = create_app(config)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .ratelimit import RateSettings
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:
@@ -38,6 +40,7 @@ class Config:
     node_id: str | None = None
     limits: Limits = field(default_factory=Limits)
     sockets: SocketSettings = field(default_factory=SocketSettings)
+    rates: RateSettings = field(default_factory=RateSettings)
     cache_size: int = 10_000
     idempotency_ttl_s: float = 24 * 3600
     compaction_min_tail: int = 64

@@ -87,6 +87,8 @@ class DeviceSession:
         except Fatal as exc:
             await self._close(exc)
         finally:
+            if self.actor is not None:
+                self.svc.limiter.close_socket(self.actor.principal.tenant, str(self.actor.device))
             for feed in self.feeds:
                 self.svc.hub.unsubscribe(feed)
             if sender is not None:
@@ -113,6 +115,12 @@ class DeviceSession:
             principal = self.svc.verifier.verify(token)
         except ApiError as exc:
             raise Fatal(CloseCode.UNAUTHORIZED, "unauthorized", exc.message) from None
+        if not self.svc.limiter.open_socket(principal.tenant, str(device)):
+            raise Fatal(
+                CloseCode.TOO_MANY,
+                "too_many_sockets",
+                f"at most {self.svc.config.rates.sockets_per_device} sockets per device",
+            )
         self.actor = Actor(principal, str(device))
         self._subscribe(principal, str(device), frame.get("domains", []), frame.get("cursors"))
         return principal
@@ -162,13 +170,17 @@ class DeviceSession:
         if type(push_id) is not int:
             await self._send(_error("protocol_error", "push needs an integer id"))
             return
+        assert self.actor is not None
         try:
+            self.svc.limit(self.actor.principal, self.actor.device)
             domain = _known_domain(frame.get("domain"))
             items = parse_items(frame, True, self.svc.config.limits.max_items)
-            assert self.actor is not None
             results = await self.svc.pipeline.push(self.actor, domain, items)
         except ApiError as exc:
-            await self._send(_error(str(exc.code), exc.message, push_id))
+            error = _error(str(exc.code), exc.message, push_id)
+            if "retry_after" in exc.details:
+                error["retry_after"] = exc.details["retry_after"]
+            await self._send(error)
             return
         except StorageUnavailable:
             await self._send(_error("storage_unavailable", "nothing was saved; retry", push_id))

@@ -26,6 +26,7 @@ class ErrorCode(StrEnum):
     PAYLOAD_TOO_LARGE = "payload_too_large"
     TOO_MANY_ITEMS = "too_many_items"
     INVALID_CURSOR = "invalid_cursor"
+    RATE_LIMITED = "rate_limited"
     STORAGE_UNAVAILABLE = "storage_unavailable"
     INTERNAL = "internal_error"
     # item-level
@@ -50,6 +51,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.IDEMPOTENCY_MISMATCH: 409,
     ErrorCode.PAYLOAD_TOO_LARGE: 413,
     ErrorCode.TOO_MANY_ITEMS: 413,
+    ErrorCode.RATE_LIMITED: 429,
     ErrorCode.STORAGE_UNAVAILABLE: 503,
     ErrorCode.INTERNAL: 500,
 }

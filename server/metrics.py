@@ -34,6 +34,12 @@ class Metrics:
         self.http_errors = Counter(
             "fieldsync_http_errors_total", "Error answers by code", ["code"], registry=r
         )
+        self.rate_limited = Counter(
+            "fieldsync_rate_limited_total",
+            "Requests refused by a rate limit",
+            ["scope"],
+            registry=r,
+        )
         self.live_records = Gauge(
             "fieldsync_live_records", "Record docs held in memory", registry=r
         )

@@ -12,11 +12,13 @@ from storage.types import NodeInfo
 from .auth import Principal, TokenVerifier, bearer_token
 from .awareness import Rooms
 from .config import Config
+from .errors import ApiError, ErrorCode
 from .hub import Hub
 from .idempotency import Idempotency
 from .live import LiveRecords
 from .metrics import Metrics
 from .pipeline import Pipeline
+from .ratelimit import Limited, RateLimiter
 from .sockets import OpenSockets
 
 
@@ -33,6 +35,20 @@ class Services:
     hub: Hub
     sockets: OpenSockets
     yjs_rooms: Rooms
+    limiter: RateLimiter
+
+    def limit(self, principal: Principal, device: str | None) -> None:
+        """Count one sync request; over a limit it is refused with 429 and Retry-After."""
+        try:
+            self.limiter.check(principal.tenant, principal.user, device)
+        except Limited as exc:
+            self.metrics.rate_limited.labels(exc.scope).inc()
+            raise ApiError(
+                ErrorCode.RATE_LIMITED,
+                str(exc),
+                {"scope": exc.scope, "retry_after": exc.retry_after},
+                headers={"Retry-After": str(exc.retry_after)},
+            ) from None
 
     def authenticate(self, request: web.Request) -> Principal:
         return self.verifier.verify(bearer_token(request))

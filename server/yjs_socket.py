@@ -157,6 +157,10 @@ class YjsPeer:
 
     async def _push(self, item: PushItem, tolerate_missing: bool = False) -> list[Any]:
         try:
+            self.svc.limit(self.actor.principal, self.actor.device)
+        except ApiError as exc:  # the provider reconnects with backoff and re-sends its state
+            raise _Refused(CloseCode.TOO_MANY, exc.message) from None
+        try:
             results = await self.svc.pipeline.push(self.actor, self.key.domain, [item])
         except StorageUnavailable:
             raise _Refused(CloseCode.GOING_AWAY, "storage unavailable; reconnect") from None

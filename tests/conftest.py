@@ -14,7 +14,7 @@ from server.app import create_app
 from server.config import Config
 from storage import Store
 from storage.sqlite import SQLiteStore
-from tests.helpers import SECRET, Api, token
+from tests.helpers import GENEROUS, SECRET, Api, token
 
 STORE_BACKENDS = ["sqlite"]
 
@@ -48,7 +48,7 @@ async def store(store_factory: StoreFactory) -> Store:
 
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
-    return Config(db=str(tmp_path / "server.db"), jwt_secret=SECRET)
+    return Config(db=str(tmp_path / "server.db"), jwt_secret=SECRET, rates=GENEROUS)
 
 
 @pytest.fixture

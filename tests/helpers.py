@@ -21,8 +21,12 @@ from aiohttp.test_utils import TestClient
 from pycrdt import Doc, Map
 
 from server.auth import mint_token
+from server.ratelimit import Rate, RateSettings
 
 ROOT = Path(__file__).resolve().parent.parent
+GENEROUS = RateSettings(Rate(100_000, 1), Rate(100_000, 1), Rate(100_000, 1), 1000)
+GENEROUS_FLAGS = ["--rate-device", "100000/second", "--rate-user", "100000/second",
+                  "--rate-tenant", "100000/second"]
 SECRET = "test-secret-" + "0123456789abcdef" * 4
 _client_ids = itertools.count(10_000)
 
@@ -175,6 +179,7 @@ class ServerProcess:
                 str(self.db),
                 "--port",
                 str(self.port),
+                *GENEROUS_FLAGS,
             ],
             cwd=ROOT,
             env=env,

@@ -19,7 +19,7 @@ from server.compaction import compact_due, compact_reported
 from server.config import Config
 from server.services import SERVICES
 from storage import RecordKey
-from tests.helpers import SECRET, Api, Replica, ServerProcess, b64, token
+from tests.helpers import GENEROUS, SECRET, Api, Replica, ServerProcess, b64, token
 
 
 @pytest.fixture
@@ -100,7 +100,7 @@ async def test_every_acknowledged_record_survives_kill_9(server_process: ServerP
 
 
 async def test_compaction_keeps_pending_updates_across_restart(tmp_path: Path) -> None:
-    config = Config(db=str(tmp_path / "compact.db"), jwt_secret=SECRET)
+    config = Config(db=str(tmp_path / "compact.db"), jwt_secret=SECRET, rates=GENEROUS)
     rep = Replica()
     parent, child, grandchild = rep.set(jobdesc="1"), rep.set(remarks="2"), rep.set(priority="LOW")
     other = Replica()

@@ -1,0 +1,142 @@
+"""Token-bucket rate limits per tenant, per user and per device.
+
+Each sync request (HTTP push or pull, a push frame on a socket) takes one token from
+its device's, its user's and its tenant's bucket; the tightest one decides. A bucket
+holds at most N tokens and refills N per period, so a device may burst N requests and
+then sustain N per period. State is per node: behind a load balancer with k nodes a
+client can reach up to k times the limit, unless the balancer pins devices to nodes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+_PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0}
+_SPEC = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour)\s*$")
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """N per period, e.g. `Rate.parse("100/hour")`."""
+
+    count: int
+    period_s: float
+
+    @classmethod
+    def parse(cls, spec: str) -> Rate:
+        match = _SPEC.match(spec)
+        if match is None or int(match.group(1)) < 1:
+            raise ValueError(f"a rate is N/second, N/minute or N/hour with N >= 1, not {spec!r}")
+        return cls(int(match.group(1)), _PERIODS[match.group(2)])
+
+    def __str__(self) -> str:
+        unit = {v: k for k, v in _PERIODS.items()}.get(self.period_s, f"{self.period_s}s")
+        return f"{self.count}/{unit}"
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+class Limited(Exception):
+    """Over a rate limit; retry after `retry_after` whole seconds."""
+
+    def __init__(self, scope: str, rate: Rate, retry_after: int) -> None:
+        super().__init__(f"rate limit of {rate} per {scope} reached; retry in {retry_after} s")
+        self.scope, self.rate, self.retry_after = scope, rate, retry_after
+
+
+class Buckets:
+    """Buckets of one kind (say, per device), at most `capacity` of them kept."""
+
+    def __init__(
+        self,
+        scope: str,
+        rate: Rate,
+        capacity: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.scope, self.rate = scope, rate
+        self._capacity = capacity
+        self._clock = clock
+        self._buckets: OrderedDict[tuple[str, ...], _Bucket] = OrderedDict()
+
+    def wait_time(self, key: tuple[str, ...]) -> float:
+        """Seconds until `key` has a token (0: it has one now)."""
+        bucket = self._refilled(key)
+        return 0.0 if bucket.tokens >= 1 else (1 - bucket.tokens) * self._per_token()
+
+    def take(self, key: tuple[str, ...]) -> None:
+        self._refilled(key).tokens -= 1
+
+    def _per_token(self) -> float:
+        return self.rate.period_s / self.rate.count
+
+    def _refilled(self, key: tuple[str, ...]) -> _Bucket:
+        now = self._clock()
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = _Bucket(float(self.rate.count), now)
+            if len(self._buckets) > self._capacity:
+                self._buckets.popitem(last=False)  # the oldest: refilled by now, most likely
+        else:
+            self._buckets.move_to_end(key)
+            gained = (now - bucket.updated) / self._per_token()
+            bucket.tokens = min(float(self.rate.count), bucket.tokens + gained)
+            bucket.updated = now
+        return bucket
+
+
+@dataclass(frozen=True, slots=True)
+class RateSettings:
+    """Defaults: see the README ("Rate limits") for why not the old API's 100/50 per hour."""
+
+    device: Rate = Rate(60, 60.0)
+    user: Rate = Rate(120, 60.0)
+    tenant: Rate = Rate(6000, 60.0)
+    sockets_per_device: int = 4
+
+
+class RateLimiter:
+    def __init__(self, settings: RateSettings, clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self._kinds = (
+            Buckets("device", settings.device, clock=clock),
+            Buckets("user", settings.user, clock=clock),
+            Buckets("tenant", settings.tenant, clock=clock),
+        )
+        self._sockets: dict[tuple[str, str], int] = {}
+
+    def check(self, tenant: str, user: str, device: str | None) -> None:
+        """Take one request's token from each bucket, or raise Limited and take none."""
+        keys = ((tenant, device or f"user:{user}"), (tenant, user), (tenant,))
+        waits = [kind.wait_time(key) for kind, key in zip(self._kinds, keys)]
+        worst = max(range(3), key=lambda i: waits[i])
+        if waits[worst] > 0:
+            kind = self._kinds[worst]
+            raise Limited(kind.scope, kind.rate, max(1, math.ceil(waits[worst])))
+        for kind, key in zip(self._kinds, keys):
+            kind.take(key)
+
+    def open_socket(self, tenant: str, device: str) -> bool:
+        """Count a socket of a device; False when the device already has too many."""
+        key = (tenant, device)
+        if self._sockets.get(key, 0) >= self.settings.sockets_per_device:
+            return False
+        self._sockets[key] = self._sockets.get(key, 0) + 1
+        return True
+
+    def close_socket(self, tenant: str, device: str) -> None:
+        key = (tenant, device)
+        left = self._sockets.get(key, 0) - 1
+        if left > 0:
+            self._sockets[key] = left
+        else:
+            self._sockets.pop(key, None)

@@ -1,0 +1,133 @@
+"""Rate limits per device, user and tenant: 429 with Retry-After over HTTP, an error frame on sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import msgpack
+import pytest
+from aiohttp.test_utils import TestClient
+
+from server.ratelimit import Buckets, Limited, Rate, RateLimiter, RateSettings
+from server.sockets import CloseCode
+from tests.helpers import Api, Replica, SocketDevice, token
+
+MakeClient = Callable[..., Awaitable[TestClient]]
+
+
+def item() -> dict[str, Any]:
+    return {"record_id": str(uuid.uuid4()), "bu": "bu1", "update": Replica().set(jobdesc="x")}
+
+
+@pytest.mark.parametrize(
+    ("spec", "count", "period"),
+    [("100/hour", 100, 3600), ("5/second", 5, 1), (" 7 / minute", 7, 60)],
+)
+def test_rates_parse(spec: str, count: int, period: float) -> None:
+    assert Rate.parse(spec) == Rate(count, period)
+
+
+@pytest.mark.parametrize("spec", ["0/second", "5/day", "five/second", "5", "-1/hour", "5/"])
+def test_bad_rates_are_refused(spec: str) -> None:
+    with pytest.raises(ValueError, match="N/second"):
+        Rate.parse(spec)
+
+
+def test_a_bucket_bursts_then_refills() -> None:
+    now = [1000.0]
+    bucket = Buckets("device", Rate(3, 60), clock=lambda: now[0])
+    for _ in range(3):
+        assert bucket.wait_time(("d",)) == 0
+        bucket.take(("d",))
+    assert bucket.wait_time(("d",)) == pytest.approx(20)
+    now[0] += 20
+    assert bucket.wait_time(("d",)) == 0
+    assert bucket.wait_time(("other",)) == 0
+
+
+def test_the_tightest_limit_decides_and_a_refusal_takes_nothing() -> None:
+    now = [0.0]
+    limiter = RateLimiter(
+        RateSettings(Rate(10, 60), Rate(3, 60), Rate(100, 60)), clock=lambda: now[0]
+    )
+    for device in ("a", "b", "c"):
+        limiter.check("t", "u", device)
+    with pytest.raises(Limited) as refused:
+        limiter.check("t", "u", "d")
+    assert refused.value.scope == "user" and refused.value.retry_after == 20
+    limiter.check("t", "other-user", "d")  # the device's bucket was not charged by the refusal
+
+
+async def test_http_answers_429_with_retry_after(make_client: MakeClient) -> None:
+    client = await make_client(rates=RateSettings(Rate(3, 60), Rate(100, 60), Rate(1000, 60)))
+    dev = Api(client, token(), device="phone")
+    for _ in range(3):
+        await dev.push("activity", [item()])
+    resp = await client.post(
+        "/api/v1/sync/activity/sync", json={"items": []}, headers=dev.headers()
+    )
+    assert resp.status == 429
+    retry_after = resp.headers["Retry-After"]
+    assert retry_after.isdigit() and int(retry_after) >= 1
+    body = await resp.json()
+    assert body["error"]["code"] == "rate_limited" and body["error"]["details"]["scope"] == "device"
+    pull = await client.get("/api/v1/sync/activity/changes", headers=dev.headers())
+    assert pull.status == 429
+    # another device of the same user still syncs
+    await Api(client, token(), device="tablet").push("activity", [item()])
+
+
+async def test_a_tenant_flood_does_not_limit_another_tenant(make_client: MakeClient) -> None:
+    client = await make_client(rates=RateSettings(Rate(100, 60), Rate(100, 60), Rate(5, 60)))
+    for i in range(5):
+        await Api(client, token("noisy", user=f"u{i}"), device=f"d{i}").push("activity", [item()])
+    resp = await client.post(
+        "/api/v1/sync/activity/sync",
+        json={"items": []},
+        headers=Api(client, token("noisy", user="u9"), device="d9").headers(),
+    )
+    assert resp.status == 429 and (await resp.json())["error"]["details"]["scope"] == "tenant"
+    await Api(client, token("quiet"), device="q").push("activity", [item()])
+
+
+async def test_socket_pushes_over_the_limit_get_an_error_frame_and_keep_the_socket(
+    make_client: MakeClient,
+) -> None:
+    client = await make_client(rates=RateSettings(Rate(2, 60), Rate(100, 60), Rate(1000, 60)))
+    dev = SocketDevice(await client.ws_connect("/api/v1/ws"))
+    await dev.hello(token(), "phone", ["activity"])
+    await dev.caught_up("activity")
+    assert (await dev.push(1, "activity", [item()]))["t"] == "ack"
+    assert (await dev.push(2, "activity", [item()]))["t"] == "ack"
+    refused = await dev.push(3, "activity", [item()])
+    assert refused["t"] == "error" and refused["code"] == "rate_limited"
+    assert isinstance(refused["retry_after"], int) and refused["retry_after"] >= 1
+    await dev.barrier()
+
+
+async def test_sockets_per_device_are_capped(make_client: MakeClient) -> None:
+    client = await make_client(rates=RateSettings(sockets_per_device=2))
+    first = SocketDevice(await client.ws_connect("/api/v1/ws"))
+    await first.hello(token(), "phone", [])
+    second = SocketDevice(await client.ws_connect("/api/v1/ws"))
+    await second.hello(token(), "phone", [])
+    third = SocketDevice(await client.ws_connect("/api/v1/ws"))
+    await third.send({"t": "hello", "token": token(), "device": "phone", "domains": []})
+    code, errors = await third.closed_with()
+    assert code == CloseCode.TOO_MANY and errors[0]["code"] == "too_many_sockets"
+    await first.ws.close()
+    for _ in range(50):  # the server notices the close asynchronously
+        fourth = await client.ws_connect("/api/v1/ws")
+        await fourth.send_bytes(
+            msgpack.packb({"t": "hello", "token": token(), "device": "phone", "domains": []})
+        )
+        msg = await fourth.receive(timeout=5)
+        if msg.type == aiohttp.WSMsgType.BINARY and msgpack.unpackb(msg.data)["t"] == "welcome":
+            break
+        await asyncio.sleep(0.02)
+    else:
+        raise AssertionError("the freed socket slot was never reusable")
