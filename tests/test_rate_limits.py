@@ -1,4 +1,4 @@
-"""Rate limits per device, user and tenant: 429 with Retry-After over HTTP, an error frame on sockets."""
+"""Rate limits per device, user and tenant: HTTP 429 + Retry-After, socket error frames."""
 
 from __future__ import annotations
 
