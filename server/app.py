@@ -83,7 +83,13 @@ async def _services(config: Config, store: Store, node: NodeInfo) -> Services:
     owners = ClientOwners(store)
     await owners.load_server_ids()
     pipeline = Pipeline(
-        store, live, owners, UpdateGate(config.limits), node, config.compaction_min_tail
+        store,
+        live,
+        owners,
+        UpdateGate(config.limits),
+        node,
+        config.compaction_min_tail,
+        config.rates.record,
     )
     hub = Hub()
     pipeline.listeners.append(hub.publish)

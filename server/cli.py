@@ -41,32 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the sync server")
-    _db_arg(serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--node-id", default=os.environ.get("FIELDSYNC_NODE_ID"))
-    serve.add_argument(
-        "--allow-origin",
-        action="append",
-        default=_split(os.environ.get("FIELDSYNC_ALLOWED_ORIGINS", "")),
-        help="a browser Origin allowed to open sockets (repeatable; default: same host only)",
-    )
-    for scope, default in (
-        ("device", "60/minute"),
-        ("user", "120/minute"),
-        ("tenant", "6000/minute"),
-    ):
-        serve.add_argument(
-            f"--rate-{scope}",
-            type=Rate.parse,
-            default=Rate.parse(os.environ.get(f"FIELDSYNC_RATE_{scope.upper()}", default)),
-            help=f"sync requests per {scope}: N/second|minute|hour (default {default})",
-        )
-    serve.add_argument(
-        "--sockets-per-device",
-        type=int,
-        default=int(os.environ.get("FIELDSYNC_SOCKETS_PER_DEVICE", "4")),
-    )
+    _serve_options(serve)
     serve.set_defaults(run=_serve)
 
     token = sub.add_parser("token", help="print a signed JWT for a user")
@@ -92,6 +67,47 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+RATE_DEFAULTS = {
+    "device": "60/minute",
+    "user": "120/minute",
+    "tenant": "6000/minute",
+    "record": "600/minute",
+}
+
+
+RATE_HELP = {
+    "device": "sync requests per device",
+    "user": "sync requests per user",
+    "tenant": "sync requests per tenant",
+    "record": "accepted updates per record",
+}
+
+
+def _serve_options(serve: argparse.ArgumentParser) -> None:
+    _db_arg(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--node-id", default=os.environ.get("FIELDSYNC_NODE_ID"))
+    serve.add_argument(
+        "--allow-origin",
+        action="append",
+        default=_split(os.environ.get("FIELDSYNC_ALLOWED_ORIGINS", "")),
+        help="a browser Origin allowed to open sockets (repeatable; default: same host only)",
+    )
+    for scope, default in RATE_DEFAULTS.items():
+        serve.add_argument(
+            f"--rate-{scope}",
+            type=Rate.parse,
+            default=Rate.parse(os.environ.get(f"FIELDSYNC_RATE_{scope.upper()}", default)),
+            help=f"{RATE_HELP[scope]}: N/second|minute|hour (default {default})",
+        )
+    serve.add_argument(
+        "--sockets-per-device",
+        type=int,
+        default=int(os.environ.get("FIELDSYNC_SOCKETS_PER_DEVICE", "4")),
+    )
+
+
 def _db_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--db",
@@ -108,7 +124,11 @@ def _serve(args: argparse.Namespace) -> None:
     secret, source = resolve_secret(args.db)
     sockets = SocketSettings(allowed_origins=frozenset(args.allow_origin))
     rates = RateSettings(
-        args.rate_device, args.rate_user, args.rate_tenant, args.sockets_per_device
+        args.rate_device,
+        args.rate_user,
+        args.rate_tenant,
+        args.sockets_per_device,
+        args.rate_record,
     )
     config = Config(
         db=args.db, jwt_secret=secret, node_id=args.node_id, sockets=sockets, rates=rates

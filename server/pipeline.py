@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,10 +41,12 @@ from .errors import ApiError, ErrorCode, ItemError
 from .gate import DocFailed, UpdateGate, apply_update, contained, diff, state_of
 from .live import LiveRecord, LiveRecords, digest
 from .ownership import ClientOwners
+from .ratelimit import Buckets, Rate, RateSettings
 
 log = logging.getLogger(__name__)
 
 QUARANTINE_BYTES = 64 << 10
+DEFAULT_RATES = RateSettings()
 Listener = Callable[[Sequence[LogEntry]], None]
 
 
@@ -119,6 +122,7 @@ class Pipeline:
         gate: UpdateGate,
         node: NodeInfo,
         compact_after: int = 64,
+        record_rate: Rate = DEFAULT_RATES.record,
     ) -> None:
         self.store = store
         self.live = live
@@ -128,6 +132,7 @@ class Pipeline:
         self.listeners: list[Listener] = []
         self.compact_after = compact_after
         self.compaction_due: set[RecordKey] = set()
+        self.record_writes = Buckets("record", record_rate)
 
     async def push(
         self,
@@ -240,6 +245,7 @@ class Pipeline:
         if c.item.update is None:
             return self._catch_up(c.item, rec)
         assert c.shape is not None
+        self._check_record_rate(rec.key)
         self._check_ownership(actor, c.shape, rec.state_vector(), merge)
         created = not rec.exists
         before = rec.state
@@ -294,6 +300,16 @@ class Pipeline:
             raise ItemError(ErrorCode.NOT_FOUND, "no such record")
         return self._answer(item, rec, "unchanged", None, [])
 
+    def _check_record_rate(self, key: RecordKey) -> None:
+        """Bound the updates one record takes: each leaves tombstones no compaction removes."""
+        wait = self.record_writes.wait_time(tuple(key))
+        if wait > 0:
+            raise ItemError(
+                ErrorCode.RATE_LIMITED,
+                f"this record takes at most {self.record_writes.rate} updates; retry in"
+                f" {max(1, math.ceil(wait))} s",
+            )
+
     def _check_ownership(
         self, actor: Actor, shape: UpdateShape, sv: dict[int, int], merge: _Merge
     ) -> None:
@@ -347,6 +363,7 @@ class Pipeline:
     ) -> None:
         rec.version += 1
         rec.exists, rec.bu = True, bu
+        self.record_writes.take(tuple(rec.key))
         principal = actor.principal
         entries = merge.batch.entries
         entries.append(

@@ -102,6 +102,8 @@ class RateSettings:
     user: Rate = Rate(120, 60.0)
     tenant: Rate = Rate(6000, 60.0)
     sockets_per_device: int = 4
+    record: Rate = Rate(600, 60.0)  # accepted updates of one record
+    preauth_sockets: int = 1000  # sockets that have not said hello yet
 
 
 class RateLimiter:

@@ -24,9 +24,12 @@ from server.auth import mint_token
 from server.ratelimit import Rate, RateSettings
 
 ROOT = Path(__file__).resolve().parent.parent
-GENEROUS = RateSettings(Rate(100_000, 1), Rate(100_000, 1), Rate(100_000, 1), 1000)
-GENEROUS_FLAGS = ["--rate-device", "100000/second", "--rate-user", "100000/second",
-                  "--rate-tenant", "100000/second"]
+_FAST = Rate(100_000, 1)
+GENEROUS = RateSettings(_FAST, _FAST, _FAST, sockets_per_device=1000, record=_FAST)
+GENEROUS_FLAGS = [
+    *("--rate-device", "100000/second", "--rate-user", "100000/second"),
+    *("--rate-tenant", "100000/second", "--rate-record", "100000/second"),
+]
 SECRET = "test-secret-" + "0123456789abcdef" * 4
 _client_ids = itertools.count(10_000)
 

@@ -131,3 +131,24 @@ async def test_sockets_per_device_are_capped(make_client: MakeClient) -> None:
         await asyncio.sleep(0.02)
     else:
         raise AssertionError("the freed socket slot was never reusable")
+
+
+async def test_one_record_takes_a_bounded_number_of_updates(make_client: MakeClient) -> None:
+    fast = Rate(1000, 1)
+    client = await make_client(rates=RateSettings(fast, fast, fast, record=Rate(3, 60)))
+    dev = Api(client, token())
+    rep = Replica()
+    r = str(uuid.uuid4())
+    first = rep.set(jobdesc="0")
+    await dev.push("activity", [{"record_id": r, "bu": "bu1", "update": first}])
+    for i in range(2):
+        await dev.push("activity", [{"record_id": r, "update": rep.set(remarks=str(i))}])
+    # re-sending what the server has costs nothing
+    again = await dev.push("activity", [{"record_id": r, "update": first}])
+    assert again[0]["status"] == "unchanged"
+    refused = await dev.push(
+        "activity",
+        [{"record_id": r, "update": rep.set(remarks="too many")}, item()],
+    )
+    assert refused[0]["status"] == "error" and refused[0]["error"]["code"] == "rate_limited"
+    assert refused[1]["status"] == "created"
