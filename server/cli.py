@@ -8,6 +8,7 @@ import base64
 import json
 import logging
 import os
+import resource
 import sys
 import uuid
 from collections.abc import Sequence
@@ -102,6 +103,13 @@ def _serve_options(serve: argparse.ArgumentParser) -> None:
             help=f"{RATE_HELP[scope]}: N/second|minute|hour (default {default})",
         )
     serve.add_argument(
+        "--memory-limit",
+        type=parse_size,
+        default=parse_size(os.environ.get("FIELDSYNC_MEMORY_LIMIT", "4GiB")),
+        help="address-space ceiling of the process, e.g. 2GiB (0: none); an allocation past it"
+        " fails at once instead of taking the machine",
+    )
+    serve.add_argument(
         "--sockets-per-device",
         type=int,
         default=int(os.environ.get("FIELDSYNC_SOCKETS_PER_DEVICE", "4")),
@@ -120,7 +128,28 @@ def _split(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def parse_size(value: str) -> int:
+    """Bytes from '0', '512MiB', '4GiB' or a plain number of bytes."""
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "": 1}
+    text = value.strip().lower()
+    number = text.rstrip("kmgib")
+    unit = text[len(number) :]
+    if not number.isdigit() or unit not in units:
+        raise argparse.ArgumentTypeError(f"a size is like 512MiB or 4GiB, not {value!r}")
+    return int(number) * units[unit]
+
+
+def _limit_memory(limit: int) -> None:
+    if limit <= 0:
+        return
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
 def _serve(args: argparse.Namespace) -> None:
+    _limit_memory(args.memory_limit)
     secret, source = resolve_secret(args.db)
     sockets = SocketSettings(allowed_origins=frozenset(args.allow_origin))
     rates = RateSettings(

@@ -49,6 +49,12 @@ async def device_socket(request: web.Request) -> web.WebSocketResponse:
     svc = services(request)
     settings = svc.config.sockets
     check_origin(request, settings.allowed_origins)
+    if svc.sockets.unauthenticated >= svc.config.rates.preauth_sockets:
+        raise ApiError(
+            ErrorCode.RATE_LIMITED,
+            "too many connections waiting to say hello; retry",
+            headers={"Retry-After": "1"},
+        )
     ws = web.WebSocketResponse(
         heartbeat=settings.heartbeat_s, max_msg_size=settings.max_frame_bytes, compress=False
     )
@@ -101,10 +107,13 @@ class DeviceSession:
     # -- hello ---------------------------------------------------------------
 
     async def _hello(self) -> Principal:
+        self.svc.sockets.unauthenticated += 1
         try:
             msg = await self.ws.receive(timeout=self.settings.hello_timeout_s)
         except TimeoutError:
             raise Fatal(CloseCode.HELLO_TIMEOUT, "hello_timeout", "send hello first") from None
+        finally:
+            self.svc.sockets.unauthenticated -= 1
         frame = self._decode(msg)
         if frame.get("t") != "hello":
             raise Fatal(CloseCode.PROTOCOL_ERROR, "protocol_error", "the first frame must be hello")

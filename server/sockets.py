@@ -43,6 +43,7 @@ class OpenSockets:
 
     def __init__(self) -> None:
         self._sockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
+        self.unauthenticated = 0  # device sockets that have not said hello yet
 
     def add(self, ws: web.WebSocketResponse) -> None:
         self._sockets.add(ws)

@@ -162,8 +162,9 @@ def free_port() -> int:
 class ServerProcess:
     """`fieldsync serve` as a child process that only this test starts and ends."""
 
-    def __init__(self, db: Path) -> None:
+    def __init__(self, db: Path, *extra_args: str) -> None:
         self.db, self.port = db, free_port()
+        self.extra_args = extra_args
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -183,6 +184,7 @@ class ServerProcess:
                 "--port",
                 str(self.port),
                 *GENEROUS_FLAGS,
+                *self.extra_args,
             ],
             cwd=ROOT,
             env=env,

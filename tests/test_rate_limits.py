@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -14,7 +15,7 @@ from aiohttp.test_utils import TestClient
 
 from server.ratelimit import Buckets, Limited, Rate, RateLimiter, RateSettings
 from server.sockets import CloseCode
-from tests.helpers import Api, Replica, SocketDevice, token
+from tests.helpers import Api, Replica, ServerProcess, SocketDevice, token
 
 MakeClient = Callable[..., Awaitable[TestClient]]
 
@@ -152,3 +153,37 @@ async def test_one_record_takes_a_bounded_number_of_updates(make_client: MakeCli
     )
     assert refused[0]["status"] == "error" and refused[0]["error"]["code"] == "rate_limited"
     assert refused[1]["status"] == "created"
+
+
+async def test_connections_waiting_for_hello_are_capped(make_client: MakeClient) -> None:
+    client = await make_client(rates=RateSettings(preauth_sockets=2))
+    waiting = [await client.ws_connect("/api/v1/ws") for _ in range(2)]
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await client.ws_connect("/api/v1/ws")
+    assert refused.value.status == 429
+    for ws in waiting:  # saying hello frees the slot
+        await ws.send_bytes(
+            msgpack.packb({"t": "hello", "token": token(), "device": "d", "domains": []})
+        )
+        assert msgpack.unpackb((await ws.receive()).data)["t"] == "welcome"
+    ok = await client.ws_connect("/api/v1/ws")
+    await ok.close()
+
+
+async def test_compression_is_not_offered(client: TestClient) -> None:
+    ws = await client.ws_connect("/api/v1/ws", compress=15)
+    assert ws.compress == 0
+    await ws.close()
+
+
+def test_the_server_sets_a_memory_ceiling(tmp_path: Any) -> None:
+    proc = ServerProcess(tmp_path / "m.db", "--memory-limit", "1GiB")
+    proc.start()
+    try:
+        asyncio.run(proc.ready())
+        assert proc.proc is not None
+        limits = Path(f"/proc/{proc.proc.pid}/limits").read_text()
+        line = next(row for row in limits.splitlines() if row.startswith("Max address space"))
+        assert line.split()[3] == str(1 << 30)
+    finally:
+        proc.stop()
