@@ -17,6 +17,11 @@ from aiohttp import web
 from .errors import ApiError, ErrorCode
 
 SECRET_ENV = "FIELDSYNC_JWT_SECRET"
+PUBLIC_KEY_ENV = "FIELDSYNC_JWT_PUBLIC_KEY_FILE"
+ALGORITHMS_ENV = "FIELDSYNC_JWT_ALGORITHMS"
+ASYMMETRIC = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
 VERIFIED_CACHE = 10_000
 ALL_BUS = "*"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
@@ -160,3 +165,22 @@ def resolve_secret(db: str) -> tuple[str, str]:
         with os.fdopen(fd, "w") as fh:
             fh.write(secrets.token_urlsafe(48))
     return path.read_text().strip(), str(path)
+
+
+def resolve_public_key() -> tuple[str, tuple[str, ...], str] | None:
+    """An asymmetric verification key, if configured: (PEM, algorithms, where from).
+
+    The algorithm list is pinned here and must be asymmetric: a token signed with HS256
+    using the public key as an HMAC secret (the classic confusion attack) never verifies.
+    """
+    path = os.environ.get(PUBLIC_KEY_ENV, "")
+    if not path:
+        return None
+    algorithms = tuple(
+        a.strip() for a in os.environ.get(ALGORITHMS_ENV, "RS256").split(",") if a.strip()
+    )
+    if not algorithms or not set(algorithms) <= ASYMMETRIC:
+        raise SystemExit(
+            f"{ALGORITHMS_ENV} must list asymmetric algorithms ({', '.join(sorted(ASYMMETRIC))})"
+        )
+    return Path(path).read_text(), algorithms, path

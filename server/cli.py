@@ -19,7 +19,7 @@ from pycrdt import Map
 from crdt_models import record as records
 from storage import RecordKey, open_store
 
-from .auth import mint_token, resolve_secret
+from .auth import mint_token, resolve_public_key, resolve_secret
 from .compaction import compact_due
 from .config import Config, SocketSettings
 from .ratelimit import Rate, RateSettings
@@ -150,7 +150,10 @@ def _limit_memory(limit: int) -> None:
 
 def _serve(args: argparse.Namespace) -> None:
     _limit_memory(args.memory_limit)
-    secret, source = resolve_secret(args.db)
+    public = resolve_public_key()
+    secret, source = ("", "") if public else resolve_secret(args.db)
+    if public:
+        source = f"public key {public[2]} ({', '.join(public[1])})"
     sockets = SocketSettings(allowed_origins=frozenset(args.allow_origin))
     rates = RateSettings(
         args.rate_device,
@@ -160,7 +163,13 @@ def _serve(args: argparse.Namespace) -> None:
         args.rate_record,
     )
     config = Config(
-        db=args.db, jwt_secret=secret, node_id=args.node_id, sockets=sockets, rates=rates
+        db=args.db,
+        jwt_secret=secret,
+        jwt_public_key=public[0] if public else None,
+        jwt_algorithms=public[1] if public else ("HS256",),
+        node_id=args.node_id,
+        sockets=sockets,
+        rates=rates,
     )
     from .app import create_app
 
