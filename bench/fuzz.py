@@ -1,4 +1,4 @@
-"""Long fuzz run of every parser of untrusted bytes (CI runs a bounded version in tests/test_fuzz.py).
+"""Long fuzz run of every parser of untrusted bytes (tests/test_fuzz.py runs a bounded one).
 
 For each target it feeds mutated valid inputs and random bytes for a time budget. An
 input that raises anything but the target's documented error is a finding: it is saved
