@@ -1,12 +1,31 @@
-"""Activity (tasks): a job a technician or guard carries out at a site."""
+"""Activity (tasks): a job a technician or guard carries out at a site.
+
+Rules, after the shared type and meta checks:
+
+- ``jobstatus`` only moves forward (``FLOW``): ASSIGNED -> INPROGRESS/WORKING/STANDBY
+  (a technician pauses and resumes among these) -> PARTIALLYCOMPLETED -> COMPLETED;
+  COMPLETED and AUTOCLOSED are final; a status is never cleared. A new record may
+  start in any status but AUTOCLOSED.
+- AUTOCLOSED is set by the server's own jobs only (``Origin.SERVER``), never by a
+  device or the back office.
+- ``endtime`` is not before ``starttime``; ``expirydatetime`` is not before
+  ``plandatetime`` (a task that expires before it is due would be auto-closed
+  before anyone could start it: always a typo).
+- ``lat``/``lon`` are a place on Earth.
+"""
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 from crdt_models import rules_common as common
+from crdt_models.constraints import Context, Correction, Origin
+from crdt_models.record import RecordState
 from crdt_models.schema import Field, FieldType, Rule, build_model
 
 NAME = "activity"
 
+AUTOCLOSED = "AUTOCLOSED"
 JOBSTATUSES = frozenset(
     {
         "ASSIGNED",
@@ -15,9 +34,13 @@ JOBSTATUSES = frozenset(
         "STANDBY",
         "PARTIALLYCOMPLETED",
         "COMPLETED",
-        "AUTOCLOSED",
+        AUTOCLOSED,
     }
 )
+
+JOBSTATUS = Field("jobstatus", FieldType.ENUM, choices=JOBSTATUSES)
+STARTTIME = Field("starttime", FieldType.DATETIME)
+ENDTIME = Field("endtime", FieldType.DATETIME)
 
 FIELDS = (
     Field("jobdesc", FieldType.STRING),
@@ -25,16 +48,57 @@ FIELDS = (
     common.EXPIRYDATETIME,
     common.GRACETIME,
     common.PRIORITY,
-    Field("jobstatus", FieldType.ENUM, choices=JOBSTATUSES),
+    JOBSTATUS,
     Field("assignee", FieldType.REF),
-    Field("starttime", FieldType.DATETIME),
-    Field("endtime", FieldType.DATETIME),
+    STARTTIME,
+    ENDTIME,
     common.LAT,
     common.LON,
     common.REMARKS,
 )
 
-# Business rules (the jobstatus machine, AUTOCLOSED server-only) go after check_types.
-RULES: tuple[Rule, ...] = (common.check_types(FIELDS),)
+FLOW = common.StatusFlow(
+    JOBSTATUS,
+    ranks=MappingProxyType(
+        {
+            "ASSIGNED": 0,
+            "INPROGRESS": 1,
+            "WORKING": 1,
+            "STANDBY": 1,
+            "PARTIALLYCOMPLETED": 2,
+            "COMPLETED": 3,
+            AUTOCLOSED: 3,
+        }
+    ),
+    terminal=frozenset({"COMPLETED", AUTOCLOSED}),
+)
+
+RULE_FLOW = "activity.jobstatus_forward"
+RULE_AUTOCLOSED = "activity.autoclosed_by_server"
+RULE_END = "activity.endtime_after_starttime"
+RULE_EXPIRY = "activity.expiry_after_plan"
+RULE_POSITION = "activity.position"
+
+
+def autoclosed_by_server_only(
+    before: RecordState | None, after: RecordState, ctx: Context
+) -> list[Correction]:
+    """Only the server's own jobs close a task as AUTOCLOSED."""
+    if ctx.origin is Origin.SERVER or not common.changed(before, after, JOBSTATUS.name):
+        return []
+    if common.value_of(after, JOBSTATUS.name) != AUTOCLOSED:
+        return []
+    reason = "jobstatus AUTOCLOSED is set by the server only (when a task expires)"
+    return common.restored([common.restore(RULE_AUTOCLOSED, JOBSTATUS, before, after, reason)])
+
+
+RULES: tuple[Rule, ...] = (
+    *common.base_rules(FIELDS),
+    autoclosed_by_server_only,
+    common.forward_only(RULE_FLOW, FLOW),
+    common.ordered_times(RULE_END, STARTTIME, ENDTIME),
+    common.ordered_times(RULE_EXPIRY, common.PLANDATETIME, common.EXPIRYDATETIME),
+    common.coordinates(RULE_POSITION, common.LAT, common.LON),
+)
 
 MODEL = build_model(NAME, FIELDS, RULES)

@@ -1,107 +1,114 @@
 """The constraint engine: run a model's rules, net their corrections, write them back.
 
-``evaluate`` is pure. ``compensate`` is the only function here that touches a
-doc: it writes the kept values in one transaction whose origin marks it as the
+``evaluate`` is pure. ``compensate`` and ``backoffice_edit`` are the only functions
+here that touch a doc: each writes in one transaction whose origin marks it as the
 server's own work, so the server never re-compensates or echoes it by mistake.
+
+What a correction is (and its decision) lives in ``crdt_models.corrections``; who
+merges, when and under which settings, in ``crdt_models.context``. Both are
+re-exported here, so the server needs only this module.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
-from dataclasses import dataclass, replace
-from datetime import datetime
-from enum import StrEnum
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from types import MappingProxyType
-from typing import Literal
 
-from pycrdt import Map
+from pycrdt import Array, Map
 
-from crdt_models.record import FIELDS_ROOT, NonScalar, RecordDoc, RecordState, json_value
+from crdt_models.context import DEFAULT_SETTINGS, Context, Geofence, Origin, RuleSettings
+from crdt_models.corrections import (
+    DECISION_ENTRIES,
+    DECISION_KEYS,
+    FIELD_ACTIONS,
+    HISTORY_ACTIONS,
+    META_ACTIONS,
+    Action,
+    Correction,
+    decision_value,
+    decisions,
+    is_plain_entry,
+    is_scalar,
+    same_value,
+)
+from crdt_models.record import (
+    FIELDS_ROOT,
+    HISTORY_ROOT,
+    MAX_SAFE_INTEGER,
+    META_ROOT,
+    HistoryEntry,
+    NonScalar,
+    RecordDoc,
+    RecordState,
+    scalar_or_marker,
+)
 from crdt_models.schema import DomainModel
-from crdt_models.values import QUOTE_LIMIT
+
+__all__ = [
+    "DECISION_ENTRIES",
+    "DECISION_KEYS",
+    "DEFAULT_SETTINGS",
+    "SERVER_ORIGIN",
+    "Action",
+    "Context",
+    "Correction",
+    "Geofence",
+    "InvalidEdit",
+    "Origin",
+    "RuleSettings",
+    "apply_to_state",
+    "backoffice_edit",
+    "compensate",
+    "decision_value",
+    "decisions",
+    "evaluate",
+    "is_plain_entry",
+    "same_value",
+]
 
 SERVER_ORIGIN = "fieldsync-server"
 
-Action = Literal["set", "delete"]
-_ACTIONS: frozenset[str] = frozenset({"set", "delete"})
 
-
-class Origin(StrEnum):
-    """Who made the change being checked."""
-
-    DEVICE = "device"
-    BACKOFFICE = "backoffice"
-    SERVER = "server"
-
-
-@dataclass(frozen=True)
-class Context:
-    """Who is merging, and when (``now`` must be timezone-aware)."""
-
-    user: str
-    roles: frozenset[str]
-    device: str | None
-    origin: Origin
-    now: datetime
-
-    def __post_init__(self) -> None:
-        if self.now.tzinfo is None:
-            raise ValueError("Context.now must be timezone-aware")
-
-
-@dataclass(frozen=True)
-class Correction:
-    """One repair: ``set`` writes ``kept`` into ``fields[field]``; ``delete`` removes the key."""
-
-    rule: str
-    field: str
-    rejected: object
-    kept: object
-    reason: str
-    action: Action = "set"
-
-    def __post_init__(self) -> None:
-        if self.action not in _ACTIONS:
-            raise ValueError(f"unknown correction action {self.action!r}")
-        if self.action == "set" and isinstance(self.kept, NonScalar):
-            raise ValueError(f"{self.rule}: cannot keep a nested value in {self.field}")
-
-    def slot(self) -> tuple[str, str]:
-        """What this correction writes; later corrections of the same slot replace it."""
-        return (FIELDS_ROOT, self.field)
-
-    def decision(self) -> dict[str, object]:
-        """The JSON-ready decision returned to the device and kept with the record."""
-        return {
-            "rule": self.rule,
-            "field": self.field,
-            "rejected": decision_value(self.rejected),
-            "kept": decision_value(self.kept),
-            "reason": self.reason,
-        }
-
-
-def decision_value(value: object) -> object:
-    """A value as a decision shows it: "<map>" for NonScalar, "nan"/"inf" as text, long text cut."""
-    if isinstance(value, NonScalar):
-        return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, str) and len(value) > QUOTE_LIMIT:
-        return value[:QUOTE_LIMIT] + "…"
-    return json_value(value)
+# --- pure: apply, evaluate, net --------------------------------------------------
 
 
 def apply_to_state(state: RecordState, corrections: Iterable[Correction]) -> RecordState:
     """The state after the corrections, as ``compensate`` would leave the doc (pure)."""
-    fields = dict(state.fields)
-    for correction in corrections:
-        if correction.action == "set":
-            fields[correction.field] = correction.kept
+    fields, meta = dict(state.fields), dict(state.meta)
+    history = list(state.history)
+    for c in corrections:
+        if c.action == "set":
+            fields[c.field] = c.kept
+        elif c.action == "delete":
+            fields.pop(c.field, None)
+        elif c.action == "meta_set":
+            meta[c.field] = c.kept
+        elif c.action == "meta_delete":
+            meta.pop(c.field, None)
         else:
-            fields.pop(correction.field, None)
-    return replace(state, fields=MappingProxyType(fields))
+            _apply_history(history, c)
+    return replace(
+        state,
+        fields=MappingProxyType(fields),
+        meta=MappingProxyType(meta),
+        history=tuple(history),
+    )
+
+
+def _apply_history(history: list[HistoryEntry], c: Correction) -> None:
+    entry = MappingProxyType(dict(c.kept)) if isinstance(c.kept, Mapping) else None
+    if c.action == "history_append" and entry is not None:
+        history.append(entry)
+    elif c.action == "history_insert" and entry is not None:
+        history.insert(min(_index(c), len(history)), entry)
+    elif c.action == "history_remove":
+        del history[_index(c) : _index(c) + c.count]
+
+
+def _index(c: Correction) -> int:
+    assert c.index is not None
+    return c.index
 
 
 def evaluate(
@@ -120,31 +127,43 @@ def evaluate(
 def _net(after: RecordState, found: list[Correction]) -> list[Correction]:
     """One correction per slot: the last one wins, but it names what the device actually sent.
 
-    A slot whose final value is what ``after`` already had is dropped (no-op).
+    It is a repair if any correction of the slot was. A slot whose final value is what
+    ``after`` already had is dropped (no-op). Slotless (history) corrections stay, in order.
     """
+    order: list[tuple[str, str] | Correction] = []
     first: dict[tuple[str, str], Correction] = {}
     last: dict[tuple[str, str], Correction] = {}
+    repair: dict[tuple[str, str], bool] = {}
     for correction in found:
-        first.setdefault(correction.slot(), correction)
-        last[correction.slot()] = correction
-    netted = (replace(last[slot], rejected=first[slot].rejected) for slot in first)
-    return [c for c in netted if not _is_noop(after, c)]
+        slot = correction.slot()
+        if slot is None:
+            order.append(correction)
+            continue
+        if slot not in first:
+            first[slot] = correction
+            order.append(slot)
+        last[slot] = correction
+        repair[slot] = repair.get(slot, False) or correction.is_repair
+    netted: list[Correction] = []
+    for item in order:
+        if isinstance(item, Correction):
+            netted.append(item)
+            continue
+        merged = replace(last[item], rejected=first[item].rejected, is_repair=repair[item])
+        if not _is_noop(after, merged):
+            netted.append(merged)
+    return netted
 
 
 def _is_noop(after: RecordState, correction: Correction) -> bool:
-    present = correction.field in after.fields
-    if correction.action == "delete":
+    where = after.meta if correction.action in META_ACTIONS else after.fields
+    present = correction.field in where
+    if correction.action in ("delete", "meta_delete"):
         return not present
-    return present and _same(after.fields[correction.field], correction.kept)
+    return present and same_value(where[correction.field], correction.kept)
 
 
-def _same(a: object, b: object) -> bool:
-    """Equal as stored values: 1 == 1.0, but True is not 1 and NonScalars never match."""
-    if isinstance(a, NonScalar) or isinstance(b, NonScalar):
-        return False
-    if isinstance(a, bool) or isinstance(b, bool):
-        return type(a) is type(b) and a == b
-    return a == b
+# --- writing docs ----------------------------------------------------------------
 
 
 def compensate(doc: RecordDoc, corrections: Iterable[Correction]) -> None:
@@ -160,12 +179,97 @@ def compensate(doc: RecordDoc, corrections: Iterable[Correction]) -> None:
         if txn.origin != SERVER_ORIGIN:
             raise RuntimeError("compensate() must run in its own transaction")
         fields = doc.get(FIELDS_ROOT, type=Map)
+        meta = doc.get(META_ROOT, type=Map)
+        history = doc.get(HISTORY_ROOT, type=Array) if _touches_history(pending) else None
         for correction in pending:
-            _write(fields, correction)
+            if correction.action in FIELD_ACTIONS:
+                _write_map(fields, correction)
+            elif correction.action in META_ACTIONS:
+                _write_map(meta, correction)
+            else:
+                assert history is not None
+                _write_history(history, correction)
 
 
-def _write(fields: Map[object], correction: Correction) -> None:
-    if correction.action == "set":
-        fields[correction.field] = correction.kept
-    elif correction.field in fields:
-        del fields[correction.field]
+def _touches_history(corrections: list[Correction]) -> bool:
+    return any(c.action in HISTORY_ACTIONS for c in corrections)
+
+
+def _write_map(ymap: Map[object], correction: Correction) -> None:
+    if correction.action in ("set", "meta_set"):
+        ymap[correction.field] = correction.kept
+    elif correction.field in ymap:
+        del ymap[correction.field]
+
+
+def _write_history(array: Array[object], c: Correction) -> None:
+    length = len(array)
+    if c.action == "history_append":
+        array.append(_entry_map(c.kept))
+    elif c.action == "history_insert":
+        array.insert(min(_index(c), length), _entry_map(c.kept))
+    elif _index(c) < length:
+        del array[_index(c) : min(_index(c) + c.count, length)]
+
+
+def _entry_map(entry: object) -> Map[object]:
+    assert isinstance(entry, Mapping)
+    return Map(dict(entry))
+
+
+class InvalidEdit(ValueError):
+    """A back-office edit that names unknown fields or carries values a record cannot hold."""
+
+
+def backoffice_edit(doc: RecordDoc, model: DomainModel, values: Mapping[str, object]) -> None:
+    """Write a back-office edit of ``fields`` as one transaction with origin ``SERVER_ORIGIN``.
+
+    ``values`` follows JSON Merge Patch (RFC 7396): a value sets the field, ``None``
+    removes it. Values equal to what the doc holds are not written; if nothing
+    changes, no transaction is made. Raises ``InvalidEdit`` (writing nothing) for
+    unknown field names and for values that are not scalars (objects, lists, bytes)
+    or are integers beyond 2**53. Type and business rules are *not* checked here: run
+    ``evaluate``/``compensate`` with ``Origin.BACKOFFICE`` afterwards, as for a device.
+    Must not be called inside another transaction.
+    """
+    _check_edit(model, values)
+    fields = doc.get(FIELDS_ROOT, type=Map)
+    with doc.transaction():
+        current = {name: _current(fields, name) for name in values}
+    writes = {
+        name: value for name, value in values.items() if not _edit_is_noop(current[name], value)
+    }
+    if not writes:
+        return
+    with doc.transaction(origin=SERVER_ORIGIN) as txn:
+        if txn.origin != SERVER_ORIGIN:
+            raise RuntimeError("backoffice_edit() must run in its own transaction")
+        for name, value in writes.items():
+            if value is None:
+                del fields[name]
+            else:
+                fields[name] = value
+
+
+_MISSING = NonScalar("missing")
+
+
+def _current(fields: Map[object], name: str) -> object:
+    return scalar_or_marker(fields[name]) if name in fields else _MISSING
+
+
+def _edit_is_noop(current: object, value: object) -> bool:
+    if value is None:
+        return current is _MISSING
+    return same_value(current, value)
+
+
+def _check_edit(model: DomainModel, values: Mapping[str, object]) -> None:
+    unknown = sorted(str(name) for name in values if name not in model.fields)
+    if unknown:
+        raise InvalidEdit(f"{model.name} records have no field(s) {', '.join(unknown)}")
+    for name, value in values.items():
+        if not is_scalar(value):
+            raise InvalidEdit(f"{name} must be a single value (text, number, true/false or null)")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_SAFE_INTEGER:
+            raise InvalidEdit(f"{name} is an integer beyond 2**53, which a record cannot hold")

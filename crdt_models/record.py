@@ -2,16 +2,23 @@
 
 Docs hold untrusted device data. A value may be a shared type nested tens of
 thousands of levels deep; pycrdt's recursive ``to_py()``/``str()`` overflow the
-native stack on such values and kill the process. So the ``fields`` map is read
-key by key, and anything that is not a scalar becomes a ``NonScalar`` marker
-that is never descended into.
+native stack on such values and kill the process. So the ``fields`` and ``meta``
+maps are read key by key, and anything that is not a scalar becomes a
+``NonScalar`` marker that is never descended into.
+
+Root types of a record doc:
+
+- ``fields`` (Map): the record's fields, scalars only (wire contract v1).
+- ``history`` (Array of Maps): server-authored entries, for models that keep one.
+- ``meta`` (Map): server metadata the rules keep, scalars only, e.g.
+  ``"lock.punchintime": "<back-office user>"``. Only the server writes it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, TypeAlias
 
@@ -21,6 +28,7 @@ from crdt_models.schema import DomainModel
 
 FIELDS_ROOT = "fields"
 HISTORY_ROOT = "history"
+META_ROOT = "meta"
 
 RecordDoc: TypeAlias = Doc[Any]
 """A record's Yjs doc (pycrdt parametrizes Doc by its root types; records mix several)."""
@@ -55,6 +63,8 @@ class NonScalar:
 
 HistoryEntry = Mapping[str, object] | NonScalar
 
+_EMPTY: Mapping[str, object] = MappingProxyType({})
+
 
 @dataclass(frozen=True)
 class RecordState:
@@ -62,11 +72,13 @@ class RecordState:
 
     ``has_history`` says the model keeps a ``history`` array, so that
     ``materialize`` can show an empty history as ``[]`` without the model.
+    ``meta`` is the server's metadata map (read one level, like ``fields``).
     """
 
     fields: Mapping[str, object]
     history: tuple[HistoryEntry, ...] = ()
     has_history: bool = False
+    meta: Mapping[str, object] = field(default_factory=lambda: _EMPTY)
 
 
 def new_doc(client_id: int | None = None) -> RecordDoc:
@@ -75,12 +87,14 @@ def new_doc(client_id: int | None = None) -> RecordDoc:
 
 
 def read_state(doc: RecordDoc, model: DomainModel) -> RecordState:
-    """Read ``fields`` (and ``history`` if the model has it) without recursing into values."""
+    """Read ``fields``, ``meta`` (and ``history`` if the model has it) without recursing."""
     keeps_history = HISTORY_ROOT in model.arrays
     with doc.transaction():
         fields = read_map(doc.get(FIELDS_ROOT, type=Map))
+        meta = read_map(doc.get(META_ROOT, type=Map))
         history = _read_history(doc.get(HISTORY_ROOT, type=Array)) if keeps_history else ()
-    return RecordState(MappingProxyType(fields), history, keeps_history)
+    meta_view = MappingProxyType(meta) if meta else _EMPTY
+    return RecordState(MappingProxyType(fields), history, keeps_history, meta_view)
 
 
 def read_map(ymap: Map[object]) -> dict[str, object]:
@@ -129,10 +143,16 @@ def json_value(value: object) -> object:
 
 
 def materialize(state: RecordState) -> dict[str, object]:
-    """``{"fields": {...}}`` plus ``"history": [...]`` for models that keep one."""
+    """``{"fields": {...}}``, plus ``"history": [...]`` for models that keep one, plus
+    ``"meta": {...}`` when the server keeps metadata on the record (e.g. back-office locks).
+
+    ``meta`` is left out when empty, so records without metadata read as before.
+    """
     out: dict[str, object] = {"fields": {k: json_value(v) for k, v in state.fields.items()}}
     if state.has_history:
         out["history"] = [_materialize_entry(entry) for entry in state.history]
+    if state.meta:
+        out["meta"] = {k: json_value(v) for k, v in state.meta.items()}
     return out
 
 

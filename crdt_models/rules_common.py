@@ -1,20 +1,30 @@
-"""Rules and field declarations every domain shares.
+"""Rules, rule builders and field declarations every domain shares.
 
-``check_types`` is the first rule of every domain: it makes sure the later,
-business rules only ever see known fields holding values of the right type.
+``base_rules`` open every domain's rule list: ``check_types`` makes sure the later,
+business rules only ever see known fields holding values of the right type, and
+``protect_meta`` keeps the server's metadata map out of devices' hands.
+
+Business rules judge *changes*: they compare ``after`` with ``before`` and refuse a
+change by restoring the value ``before`` had (``restore``). A value nobody changed
+is never repaired by them, so evaluating a state against itself finds nothing, and
+the server's own repairs never trigger further repairs (no ping-pong).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
-from crdt_models.constraints import Context, Correction
-from crdt_models.record import RecordState
+from crdt_models.constraints import Context, Correction, apply_to_state, same_value
+from crdt_models.record import MAX_SAFE_INTEGER, NonScalar, RecordState
 from crdt_models.schema import Field, FieldType, Rule
 from crdt_models.values import describe, problem
 
 RULE_UNKNOWN_FIELD = "schema.unknown_field"
 RULE_TYPE = "schema.type"
+RULE_META = "record.meta_protected"
 
 PRIORITIES = frozenset({"LOW", "MEDIUM", "HIGH"})
 
@@ -26,7 +36,103 @@ LAT = Field("lat", FieldType.NUMBER)
 LON = Field("lon", FieldType.NUMBER)
 REMARKS = Field("remarks", FieldType.STRING)
 
+EARTH_RADIUS_M = 6_371_008.8
+"""Mean Earth radius (IUGG), for great-circle distances."""
+
 _ABSENT = object()
+
+
+# --- reading states --------------------------------------------------------------
+
+
+def value_of(state: RecordState | None, name: str) -> object:
+    """A field's value; None when the field (or the whole record) is absent."""
+    return None if state is None else state.fields.get(name)
+
+
+def changed(before: RecordState | None, after: RecordState, name: str) -> bool:
+    """Did this merge change the field? An absent field counts as null."""
+    return not same_value(value_of(before, name), value_of(after, name))
+
+
+def time_of(state: RecordState | None, name: str) -> datetime | None:
+    """A DATETIME field as an aware datetime; None if absent, null or not a valid time."""
+    raw = value_of(state, name)
+    if not isinstance(raw, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(raw)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else None
+
+
+def number_of(state: RecordState | None, name: str) -> float | None:
+    """A NUMBER/INT field as a float; None if absent, null or not a finite number."""
+    raw = value_of(state, name)
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+        return None
+    return float(raw) if math.isfinite(raw) else None
+
+
+def iso_utc(moment: datetime) -> str:
+    """``2024-05-01T12:00:00.000Z``: UTC, milliseconds, "Z" (as JS ``toISOString()`` writes)."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def shown(value: object) -> str:
+    """A value inside a reason: enum words, times and numbers as they are, others described."""
+    if value is None:
+        return "no value"
+    if isinstance(value, str) and value and len(value) <= 40 and " " not in value:
+        return value
+    if isinstance(value, float) and value.is_integer() and abs(value) <= MAX_SAFE_INTEGER:
+        return str(int(value))
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return describe(value)
+
+
+# --- repairing -------------------------------------------------------------------
+
+
+def restore(
+    rule: str,
+    field: Field,
+    before: RecordState | None,
+    current: RecordState,
+    reason: str,
+) -> Correction | None:
+    """Put the field back as ``before`` had it (removed if it had no valid value there).
+
+    None when ``current`` already holds that, so a rule never re-writes a value an
+    earlier rule (or nobody) changed.
+    """
+    name = field.name
+    target = _ABSENT if before is None else before.fields.get(name, _ABSENT)
+    if target is not _ABSENT and problem(field, target) is not None:
+        target = _ABSENT
+    rejected = current.fields.get(name)
+    if target is _ABSENT:
+        if name not in current.fields:
+            return None
+        return Correction(rule, name, rejected, None, reason, "delete")
+    if name in current.fields and same_value(current.fields[name], target):
+        return None
+    return Correction(rule, name, rejected, target, reason, "set")
+
+
+def restored(corrections: Iterable[Correction | None]) -> list[Correction]:
+    """The corrections that are needed (``restore`` answers None for no-ops)."""
+    return [c for c in corrections if c is not None]
+
+
+# --- base rules: types and meta --------------------------------------------------
+
+
+def base_rules(fields: Iterable[Field]) -> tuple[Rule, ...]:
+    """The rules every domain starts with: ``check_types`` for its fields, ``protect_meta``."""
+    return (check_types(fields), protect_meta)
 
 
 def check_types(fields: Iterable[Field]) -> Rule:
@@ -61,3 +167,174 @@ def _check(
         reason = f"{wrong}; kept the previous value, {describe(previous)}"
         return Correction(RULE_TYPE, name, value, previous, reason, "set")
     return Correction(RULE_TYPE, name, value, None, f"{wrong}; the value was removed", "delete")
+
+
+def protect_meta(before: RecordState | None, after: RecordState, ctx: Context) -> list[Correction]:
+    """Only the server writes ``meta`` (through compensations): any other change is undone."""
+    old = {} if before is None else before.meta
+    found: list[Correction] = []
+    for key in sorted(set(old) | set(after.meta)):
+        if key in old and key in after.meta and same_value(old[key], after.meta[key]):
+            continue
+        reason = f"meta.{key} is kept by the server; records' metadata cannot be edited"
+        rejected = after.meta.get(key)
+        kept = old.get(key, _ABSENT)
+        if kept is _ABSENT or isinstance(kept, NonScalar):
+            found.append(Correction(RULE_META, key, rejected, None, reason, "meta_delete"))
+        else:
+            found.append(Correction(RULE_META, key, rejected, kept, reason, "meta_set"))
+    return found
+
+
+# --- rule builders ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StatusFlow:
+    """A status field that only moves forward.
+
+    A status may move to one of equal or higher ``rank`` (statuses of one rank are
+    interchangeable: a technician pauses and resumes); a ``terminal`` status never
+    changes; a status is never cleared once set. A record without a status may take
+    any. The server sees only the net change of an offline device, so "forward" is
+    by rank, not step by step (ASSIGNED -> COMPLETED is a forward move).
+    """
+
+    field: Field
+    ranks: Mapping[str, int]
+    terminal: frozenset[str]
+
+    def allows(self, old: object, new: object) -> bool:
+        if old is None or not isinstance(old, str) or old not in self.ranks:
+            return True
+        if old in self.terminal:
+            return new == old
+        return isinstance(new, str) and self.ranks.get(new, -1) >= self.ranks[old]
+
+    def why_not(self, old: object, new: object) -> str:
+        name = self.field.name
+        if new is None:
+            return f"{name} cannot be cleared once set; it stays {shown(old)}"
+        if old in self.terminal:
+            return f"{name} {shown(old)} is final; it cannot change to {shown(new)}"
+        return f"{name} only moves forward: {shown(old)} cannot go back to {shown(new)}"
+
+
+def forward_only(rule_name: str, flow: StatusFlow) -> Rule:
+    """Refuse a status change the flow does not allow: the status goes back to ``before``'s."""
+
+    def rule(before: RecordState | None, after: RecordState, ctx: Context) -> list[Correction]:
+        name = flow.field.name
+        old, new = value_of(before, name), value_of(after, name)
+        if not changed(before, after, name) or flow.allows(old, new):
+            return []
+        return restored([restore(rule_name, flow.field, before, after, flow.why_not(old, new))])
+
+    rule.__name__ = rule.__qualname__ = f"forward_only_{flow.field.name}"
+    return rule
+
+
+def ordered_times(rule_name: str, first: Field, second: Field, *, strict: bool = False) -> Rule:
+    """``second`` is not before ``first`` (``strict``: after it), when both are set.
+
+    A change that breaks the order is refused: the later time (``second``) goes back
+    first; if the order still fails, ``first`` goes back too (to ``before``'s pair,
+    which was in order). A record's times that nobody changed are left alone.
+    """
+    word = "is not after" if strict else "is before"
+
+    def in_order(state: RecordState) -> bool:
+        a, b = time_of(state, first.name), time_of(state, second.name)
+        return a is None or b is None or (b > a if strict else b >= a)
+
+    def rule(before: RecordState | None, after: RecordState, ctx: Context) -> list[Correction]:
+        if in_order(after):
+            return []
+        a, b = value_of(after, first.name), value_of(after, second.name)
+        reason = f"{second.name} {shown(b)} {word} {first.name} {shown(a)}"
+        found: list[Correction] = []
+        state = after
+        for field in (second, first):
+            if in_order(state) or not changed(before, after, field.name):
+                continue
+            fix = restore(rule_name, field, before, state, reason)
+            if fix is not None:
+                found.append(fix)
+                state = apply_to_state(state, [fix])
+        return found
+
+    rule.__name__ = rule.__qualname__ = f"ordered_{first.name}_{second.name}"
+    return rule
+
+
+def not_in_future(rule_name: str, field: Field) -> Rule:
+    """A changed time may be at most ``settings.clock_skew`` ahead of the server's clock."""
+
+    def rule(before: RecordState | None, after: RecordState, ctx: Context) -> list[Correction]:
+        moment = time_of(after, field.name)
+        limit = ctx.now + ctx.settings.clock_skew
+        if moment is None or moment <= limit or not changed(before, after, field.name):
+            return []
+        skew = ctx.settings.clock_skew
+        reason = (
+            f"{field.name} {shown(value_of(after, field.name))} is in the future "
+            f"(server time {iso_utc(ctx.now)}, allowing {_minutes(skew.total_seconds())})"
+        )
+        return restored([restore(rule_name, field, before, after, reason)])
+
+    rule.__name__ = rule.__qualname__ = f"not_in_future_{field.name}"
+    return rule
+
+
+def coordinates(rule_name: str, lat: Field, lon: Field, *, geofenced: bool = False) -> Rule:
+    """A changed (lat, lon) pair must be a place on Earth (and inside the bu's geofence).
+
+    A bad pair is refused as a whole: both go back to ``before``'s values, so a
+    position is never half old, half new. Other fields (e.g. the punch time) stay.
+    """
+
+    def rule(before: RecordState | None, after: RecordState, ctx: Context) -> list[Correction]:
+        if not (changed(before, after, lat.name) or changed(before, after, lon.name)):
+            return []
+        reason = _position_problem(after, lat, lon, ctx if geofenced else None)
+        if reason is None:
+            return []
+        fixes = (restore(rule_name, field, before, after, reason) for field in (lat, lon))
+        return restored(fixes)
+
+    rule.__name__ = rule.__qualname__ = f"coordinates_{lat.name}_{lon.name}"
+    return rule
+
+
+def _position_problem(
+    state: RecordState, lat: Field, lon: Field, ctx: Context | None
+) -> str | None:
+    la, lo = number_of(state, lat.name), number_of(state, lon.name)
+    if la is not None and not -90 <= la <= 90:
+        return f"{lat.name} must be between -90 and 90 degrees; got {shown(la)}"
+    if lo is not None and not -180 <= lo <= 180:
+        return f"{lon.name} must be between -180 and 180 degrees; got {shown(lo)}"
+    fence = None if ctx is None else ctx.geofence
+    if ctx is None or fence is None or la is None or lo is None:
+        return None
+    distance = distance_m(la, lo, fence.lat, fence.lon)
+    if distance <= fence.radius_m:
+        return None
+    return (
+        f"({lat.name}, {lon.name}) = ({shown(la)}, {shown(lo)}) is {distance:,.0f} m from the"
+        f" site of bu {ctx.bu}; it must be within {fence.radius_m:,.0f} m"
+    )
+
+
+def distance_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
+    """Great-circle (haversine) distance in metres."""
+    p1, p2 = math.radians(lat1), math.radians(lat2)
+    dp, dl = p2 - p1, math.radians(lon2 - lon1)
+    h = math.sin(dp / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dl / 2) ** 2
+    return 2 * EARTH_RADIUS_M * math.asin(min(1.0, math.sqrt(h)))
+
+
+def _minutes(seconds: float) -> str:
+    minutes = seconds / 60
+    text = f"{minutes:g}"
+    return f"{text} minute{'' if text == '1' else 's'} of clock skew"
