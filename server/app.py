@@ -90,6 +90,7 @@ async def _services(config: Config, store: Store, node: NodeInfo) -> Services:
         node,
         config.compaction_min_tail,
         config.rates.record,
+        config.rules,
     )
     hub = Hub()
     pipeline.listeners.append(hub.publish)

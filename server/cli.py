@@ -12,11 +12,14 @@ import resource
 import sys
 import uuid
 from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
 
 from aiohttp import web
 from pycrdt import Map
 
 from crdt_models import record as records
+from crdt_models.context import Geofence, RuleSettings
 from storage import RecordKey, open_store
 
 from .auth import mint_token, resolve_public_key, resolve_secret
@@ -103,6 +106,25 @@ def _serve_options(serve: argparse.ArgumentParser) -> None:
             help=f"{RATE_HELP[scope]}: N/second|minute|hour (default {default})",
         )
     serve.add_argument(
+        "--max-accuracy",
+        type=float,
+        default=float(os.environ.get("FIELDSYNC_MAX_ACCURACY_M", "100")),
+        help="largest GPS accuracy (metres) an attendance punch may report",
+    )
+    serve.add_argument(
+        "--clock-skew",
+        type=float,
+        default=float(os.environ.get("FIELDSYNC_CLOCK_SKEW_S", "300")),
+        help="seconds a device's punch time may run ahead of the server's clock",
+    )
+    serve.add_argument(
+        "--geofences",
+        type=load_geofences,
+        default=load_geofences(os.environ.get("FIELDSYNC_GEOFENCES", "")),
+        help='JSON file {"<bu>": {"lat": .., "lon": .., "radius_m": ..}}: attendance punches'
+        " outside their bu's circle are refused",
+    )
+    serve.add_argument(
         "--memory-limit",
         type=parse_size,
         default=parse_size(os.environ.get("FIELDSYNC_MEMORY_LIMIT", "4GiB")),
@@ -126,6 +148,19 @@ def _db_arg(parser: argparse.ArgumentParser) -> None:
 
 def _split(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def load_geofences(path: str) -> dict[str, Geofence]:
+    if not path:
+        return {}
+    try:
+        raw = json.loads(Path(path).read_text())
+        return {
+            str(bu): Geofence(float(g["lat"]), float(g["lon"]), float(g["radius_m"]))
+            for bu, g in raw.items()
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot read geofences from {path}: {exc}") from None
 
 
 def parse_size(value: str) -> int:
@@ -162,7 +197,13 @@ def _serve(args: argparse.Namespace) -> None:
         args.sockets_per_device,
         args.rate_record,
     )
+    rules = RuleSettings(
+        clock_skew=timedelta(seconds=args.clock_skew),
+        max_accuracy_m=args.max_accuracy,
+        geofences=args.geofences,
+    )
     config = Config(
+        rules=rules,
         db=args.db,
         jwt_secret=secret,
         jwt_public_key=public[0] if public else None,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from crdt_models.context import RuleSettings
+
 from .ratelimit import RateSettings
 
 
@@ -41,6 +43,7 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     sockets: SocketSettings = field(default_factory=SocketSettings)
     rates: RateSettings = field(default_factory=RateSettings)
+    rules: RuleSettings = field(default_factory=RuleSettings)
     cache_size: int = 10_000
     idempotency_ttl_s: float = 24 * 3600
     compaction_min_tail: int = 64

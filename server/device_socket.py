@@ -26,7 +26,7 @@ from .codec import decode_msgpack
 from .cursor import decode_cursor, encode_cursor
 from .errors import ApiError, ErrorCode
 from .hub import BufferLimits, Feed
-from .pipeline import Actor
+from .merge_types import Actor
 from .services import Services, services
 from .sockets import CloseCode, check_origin
 from .sync_api import parse_items

@@ -14,7 +14,7 @@ import hashlib
 import itertools
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,9 +26,13 @@ from crdt_models.yupdate import MalformedUpdate, inspect_update
 from storage import RecordKey, Store
 from storage.types import StoredRecord
 
-from .gate import DocFailed, apply_update, state_of
+from .errors import ApiError, ErrorCode
+from .gate import DocFailed, apply_update, contained, state_of
 
 log = logging.getLogger(__name__)
+
+
+MAX_HELD_PENDING = 256  # per record; more stay in the log and integrate on the next load
 
 
 def digest(update: bytes) -> bytes:
@@ -43,7 +47,7 @@ class LiveRecord:
     version: int = 0
     exists: bool = False
     state: records.RecordState | None = None
-    pending: set[bytes] = field(default_factory=set)
+    pending: dict[bytes, bytes] = field(default_factory=dict)  # digest -> update missing parents
     captured: list[bytes] = field(default_factory=list)
     sv: dict[int, int] | None = field(default_factory=dict)  # decoded state vector, None: stale
     tail: int = 0  # log entries not yet folded into the stored snapshot
@@ -51,6 +55,35 @@ class LiveRecord:
     poisoned: bool = False
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     subscription: Subscription | None = None
+
+    def apply(self, update: bytes) -> dict[int, int]:
+        """Apply an update (DocFailed if pycrdt fails) and return the new state vector.
+
+        Updates still waiting for causal parents are applied again whenever the state
+        vector moves: yrs 0.28 (pycrdt 0.14.13) can drop a waiting struct when its parent
+        arrives after a later struct of the same writer — a second apply integrates it.
+        """
+        before = self.state_vector()
+        apply_update(self.doc, update)
+        self.sv = state_of(self.doc)
+        if self.pending and self.sv != before:
+            self._retry_pending()
+        return self.sv
+
+    def hold_pending(self, update: bytes) -> None:
+        if len(self.pending) < MAX_HELD_PENDING:
+            self.pending[digest(update)] = update
+
+    def _retry_pending(self) -> None:
+        for _ in range(len(self.pending)):
+            waiting = [u for u in self.pending.values() if _adds_beyond(u, self.state_vector())]
+            self.pending = {digest(u): u for u in waiting}
+            before = self.state_vector()
+            for update in waiting:
+                apply_update(self.doc, update)
+            self.sv = state_of(self.doc)
+            if self.sv == before:
+                return
 
     def state_vector(self) -> dict[int, int]:
         if self.sv is None:
@@ -193,8 +226,10 @@ class LiveRecords:
         updates = [stored.row.snapshot] if stored.row.snapshot else []
         updates += [e.update for e in stored.tail]
         try:
-            for update in updates:
-                apply_update(rec.doc, update)
+            # one merged update: applying a log tail one by one in log order can hit the
+            # yrs pending-struct loss that LiveRecord.apply works around
+            if updates:
+                apply_update(rec.doc, _merged(updates))
             sv = state_of(rec.doc)
         except DocFailed as exc:
             log.error("stored record %s does not load: %s", key, exc)
@@ -203,8 +238,31 @@ class LiveRecords:
         rec.sv, rec.tail = sv, len(stored.tail)
         rec.bu, rec.version, rec.exists = stored.row.bu, stored.row.version, True
         rec.state = records.read_state(rec.doc, get_model(key.domain))
-        rec.pending = {digest(e.update) for e in stored.tail if _adds_beyond(e.update, sv)}
+        for entry in stored.tail:
+            if _adds_beyond(entry.update, sv):
+                rec.hold_pending(entry.update)
         return rec
+
+    async def state_vector(self, key: RecordKey) -> bytes:
+        """The record's current state vector (empty for a record not yet written)."""
+        return await self._read(key, lambda rec: rec.doc.get_state())
+
+    async def full_state(self, key: RecordKey) -> bytes:
+        """The record's whole state as one update."""
+        return await self._read(key, lambda rec: rec.doc.get_update())
+
+    async def _read(self, key: RecordKey, read: Callable[[LiveRecord], bytes]) -> bytes:
+        recs = await self.pin_many([key])
+        try:
+            rec = recs.get(key)
+            if rec is None or rec.poisoned:
+                raise ApiError(ErrorCode.STORAGE_UNAVAILABLE, "the record cannot be loaded")
+            return contained("read a record", read, rec)
+        except DocFailed:
+            self.poison(recs[key])
+            raise ApiError(ErrorCode.STORAGE_UNAVAILABLE, "the record is reloading") from None
+        finally:
+            self.unpin(recs.values())
 
     def folded(self, key: RecordKey, entries: int) -> None:
         """Compaction folded `entries` of the record's tail into its snapshot."""
@@ -229,6 +287,13 @@ def _resolve(fut: asyncio.Future[LiveRecord], exc: BaseException) -> None:
 
 def _capture(rec: LiveRecord, event: TransactionEvent) -> None:
     rec.captured.append(event.update)
+
+
+def _merged(updates: list[bytes]) -> bytes:
+    if len(updates) == 1:
+        return updates[0]
+    merged: bytes = contained("merge_updates", merge_updates, *updates)
+    return merged
 
 
 def _adds_beyond(update: bytes, state: dict[int, int]) -> bool:

@@ -13,13 +13,14 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any
 
 from crdt_models import constraints
 from crdt_models import record as records
+from crdt_models.context import RuleSettings
 from crdt_models.registry import get_model
 from crdt_models.schema import DomainModel
 from crdt_models.yupdate import UpdateShape, encode_state_vector
@@ -36,10 +37,10 @@ from storage.types import (
     WriteBatch,
 )
 
-from .auth import Principal
 from .errors import ApiError, ErrorCode, ItemError
-from .gate import DocFailed, UpdateGate, apply_update, contained, diff, state_of
+from .gate import DocFailed, UpdateGate, diff
 from .live import LiveRecord, LiveRecords, digest
+from .merge_types import Actor, ItemResult, PushItem
 from .ownership import ClientOwners
 from .ratelimit import Buckets, Rate, RateSettings
 
@@ -47,47 +48,8 @@ log = logging.getLogger(__name__)
 
 QUARANTINE_BYTES = 64 << 10
 DEFAULT_RATES = RateSettings()
+DEFAULT_RULE_SETTINGS = RuleSettings()
 Listener = Callable[[Sequence[LogEntry]], None]
-
-
-class PushItem(NamedTuple):
-    record_id: str
-    bu: str | None
-    update: bytes | None
-    state_vector: bytes | None
-
-
-@dataclass(slots=True)
-class ItemResult:
-    record_id: str
-    status: str
-    version: int = 0
-    update: bytes | None = None
-    decisions: list[dict[str, Any]] = field(default_factory=list)
-    error: ItemError | None = None
-    state_vector: bytes | None = None
-
-    def to_wire(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "record_id": self.record_id,
-            "status": self.status,
-            "version": self.version,
-            "update": self.update,
-            "decisions": self.decisions,
-            "error": self.error.to_wire() if self.error else None,
-        }
-        if self.state_vector is not None:
-            out["state_vector"] = self.state_vector
-        return out
-
-
-@dataclass(frozen=True, slots=True)
-class Actor:
-    """Who pushes: the principal, the device, and how the change is attributed."""
-
-    principal: Principal
-    device: str | None
-    origin: constraints.Origin = constraints.Origin.DEVICE
 
 
 @dataclass(slots=True)
@@ -123,6 +85,7 @@ class Pipeline:
         node: NodeInfo,
         compact_after: int = 64,
         record_rate: Rate = DEFAULT_RATES.record,
+        rule_settings: RuleSettings = DEFAULT_RULE_SETTINGS,
     ) -> None:
         self.store = store
         self.live = live
@@ -133,6 +96,7 @@ class Pipeline:
         self.compact_after = compact_after
         self.compaction_due: set[RecordKey] = set()
         self.record_writes = Buckets("record", record_rate)
+        self.rule_settings = rule_settings
 
     async def push(
         self,
@@ -173,26 +137,65 @@ class Pipeline:
         finally:
             self.live.unpin(recs.values())
 
-    async def state_vector(self, key: RecordKey) -> bytes:
-        """The record's current state vector (empty for a record not yet written)."""
-        return await self._read_doc(key, lambda rec: rec.doc.get_state())
+    # -- back-office edits ----------------------------------------------------
 
-    async def full_state(self, key: RecordKey) -> bytes:
-        """The record's whole state as one update."""
-        return await self._read_doc(key, lambda rec: rec.doc.get_update())
-
-    async def _read_doc(self, key: RecordKey, read: Callable[[LiveRecord], bytes]) -> bytes:
+    async def edit(self, actor: Actor, key: RecordKey, values: Mapping[str, object]) -> ItemResult:
+        """A back-office edit: written by the server on the actor's behalf, then the rules run."""
+        model = get_model(key.domain)
         recs = await self.live.pin_many([key])
         try:
             rec = recs.get(key)
             if rec is None or rec.poisoned:
-                raise ApiError(ErrorCode.STORAGE_UNAVAILABLE, "the record cannot be loaded")
-            return contained("read a record", read, rec)
-        except DocFailed:
-            self.live.poison(recs[key])
-            raise ApiError(ErrorCode.STORAGE_UNAVAILABLE, "the record is reloading") from None
+                raise ApiError(ErrorCode.STORAGE_UNAVAILABLE, "the record is reloading; retry")
+            if not _visible(rec, actor):
+                raise ApiError(ErrorCode.NOT_FOUND, "no such record")
+            merge = _Merge()
+            result = self._edit_one(actor, model, rec, values, merge)
+            await self._commit(merge)
         finally:
             self.live.unpin(recs.values())
+        return result
+
+    def _edit_one(
+        self,
+        actor: Actor,
+        model: DomainModel,
+        rec: LiveRecord,
+        values: Mapping[str, object],
+        merge: _Merge,
+    ) -> ItemResult:
+        before = rec.state
+        try:
+            constraints.backoffice_edit(rec.doc, model, values)
+        except constraints.InvalidEdit as exc:
+            raise ApiError(ErrorCode.INVALID_RECORD, str(exc)) from None
+        except Exception:  # noqa: BLE001 - pycrdt failed half-way: reload from storage
+            self.live.poison(rec)
+            log.exception("back-office edit failed on %s", rec.key)
+            raise ApiError(
+                ErrorCode.STORAGE_UNAVAILABLE, "the record is reloading; retry"
+            ) from None
+        edit = rec.take_captured()
+        if edit is None:
+            return ItemResult(rec.key.record_id, "unchanged", rec.version)
+        rec.sv = None
+        assert rec.bu is not None
+        ctx = self._context(actor, rec.bu, datetime.now(UTC))
+        compensation, decisions = self._constrain(model, rec, before, ctx)
+        self._stage(actor, rec, rec.bu, edit, compensation, decisions, merge)
+        return ItemResult(rec.key.record_id, "merged", rec.version, compensation, decisions)
+
+    def _context(self, actor: Actor, bu: str, now: datetime) -> constraints.Context:
+        principal = actor.principal
+        return constraints.Context(
+            principal.user,
+            principal.roles,
+            actor.device,
+            actor.origin,
+            now,
+            bu,
+            self.rule_settings,
+        )
 
     # -- decode and authorize ---------------------------------------------
 
@@ -252,8 +255,7 @@ class Pipeline:
         created = not rec.exists
         before = rec.state
         try:
-            apply_update(rec.doc, c.item.update)
-            rec.sv = after_sv = state_of(rec.doc)
+            after_sv = rec.apply(c.item.update)
         except DocFailed as exc:
             self.live.poison(rec)
             merge.batch.quarantine.append(self._quarantined(actor, c, str(exc)))
@@ -265,14 +267,12 @@ class Pipeline:
         fresh_pending = pending and digest(c.item.update) not in rec.pending
         if delta is None and not fresh_pending:
             return self._answer(c.item, rec, "pending" if pending else "unchanged", None, [])
-        ctx = constraints.Context(
-            actor.principal.user, actor.principal.roles, actor.device, actor.origin, now
-        )
+        ctx = self._context(actor, bu, now)
         # yrs shows a pending struct's value at once (behind a gap), so pending updates
         # are constrained like any other.
         compensation, decisions = self._constrain(model, rec, before, ctx)
         if fresh_pending:
-            rec.pending.add(digest(c.item.update))
+            rec.hold_pending(c.item.update)
         self._stage(actor, rec, bu, c.item.update, compensation, decisions, merge)
         status = "pending" if pending else ("created" if created else "merged")
         return self._answer(c.item, rec, status, compensation, decisions)
@@ -351,7 +351,7 @@ class Pipeline:
                 ) from None
             after = records.read_state(rec.doc, model)
         rec.state = after
-        return rec.take_captured(), [c.decision() for c in corrections]
+        return rec.take_captured(), constraints.decisions(corrections)
 
     def _stage(
         self,

@@ -17,7 +17,7 @@ from .changes import advance, merge_page
 from .cursor import decode_cursor, encode_cursor
 from .errors import ApiError, ErrorCode
 from .idempotency import request_hash
-from .pipeline import Actor, ItemResult, PushItem
+from .merge_types import Actor, ItemResult, PushItem
 from .services import Services, services
 
 routes = web.RouteTableDef()

@@ -26,7 +26,7 @@ from .auth import Principal, is_valid_id
 from .awareness import Room, parse_awareness
 from .errors import ApiError, ErrorCode
 from .hub import BufferLimits, Feed
-from .pipeline import Actor, PushItem
+from .merge_types import Actor, PushItem
 from .services import Services, services
 from .sockets import CloseCode, check_origin
 from .sync_api import domain_of
@@ -113,7 +113,7 @@ class YjsPeer:
                 await sender
 
     async def _greet(self) -> None:
-        sv = await self.svc.pipeline.state_vector(self.key)
+        sv = await self.svc.live.state_vector(self.key)
         await self.ws.send_bytes(message(SYNC, STEP1, sv))
         assert self.room is not None
         if (awareness := self.room.encoded()) is not None:
@@ -199,7 +199,7 @@ class YjsPeer:
         if self.feed.behind:  # fell behind: send the whole record instead of the missed updates
             self.feed.buffer.clear()
             self.feed.behind = False
-            full = await self.svc.pipeline.full_state(self.key)
+            full = await self.svc.live.full_state(self.key)
             await self.ws.send_bytes(message(SYNC, UPDATE, full))
             return
         entries: list[LogEntry] = self.feed.take()

@@ -9,6 +9,7 @@ from typing import Any
 from pycrdt import Doc, Map
 
 from crdt_models.yupdate import inspect_state_vector
+from storage import RecordKey
 from tests.helpers import Api, Replica
 
 Make = Callable[..., Api]
@@ -273,3 +274,36 @@ async def test_a_client_id_belongs_to_its_first_device(api: Make) -> None:
     relay.apply(first)
     relayed = await b.push("activity", [{"record_id": r, "update": relay.doc.get_update()}])
     assert relayed[0]["status"] == "unchanged"
+
+
+async def test_a_struct_waiting_behind_two_gaps_is_not_lost(api: Make, client: Any) -> None:
+    """yrs 0.28 drops a waiting struct when its parent arrives after a later struct of the
+    same writer (delivery 0, 1, 3, 4, 2 below); the server re-applies waiting updates."""
+    dev = api()
+    r = rid()
+    rep = Replica()
+    ups = [
+        rep.set(jobdesc="created"),
+        rep.set(jobdesc=""),
+        rep.set(jobdesc=""),
+        rep.set(remarks="15m"),
+        rep.set(jobdesc="last"),
+    ]
+    for i in (0, 1, 3, 4, 2):
+        await dev.push("activity", [{"record_id": r, "bu": "bu1", "update": ups[i]}])
+    record = await (await client.get(f"/api/v1/records/activity/{r}", headers=dev.headers())).json()
+    assert record["fields"] == {"jobdesc": "last", "remarks": "15m"}
+    # and a reload from storage (log order 0, 1, 3, 4, 2) gives the same record
+    from server.services import SERVICES
+
+    svc = client.server.app[SERVICES]
+    key = RecordKey("t1", "activity", r)
+    rec = (await svc.live.pin_many([key]))[key]
+    svc.live.unpin([rec])
+    svc.live.poison(rec)
+    fresh = Replica()
+    caught_up = await dev.push(
+        "activity", [{"record_id": r, "state_vector": fresh.doc.get_state()}]
+    )
+    fresh.apply(caught_up[0]["update"])
+    assert fresh.state() == {"jobdesc": "last", "remarks": "15m"}
