@@ -3,7 +3,8 @@
 What it does
 ------------
 1. Starts a real server process (``fieldsync serve`` on a temporary SQLite file, 127.0.0.1,
-   a port below 32768) and waits for ``GET /healthz``.
+   a port below 32768; its per-device/user/tenant rate limits lifted: this measures capacity)
+   and waits for ``GET /healthz``.
 2. **Ingest**, one phase per batch size (``--batches 1,10,100,1000``): ``--clients`` worker
    processes, each driving ``--devices`` simulated devices (one aiohttp session each, one
    request in flight per device) that ``POST /api/v1/sync/activity/sync`` for ``--duration``
@@ -59,18 +60,11 @@ import asyncio
 import base64
 import json
 import multiprocessing as mp
-import os
 import random
-import shutil
-import signal
-import socket
 import sqlite3
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Sequence
@@ -80,80 +74,38 @@ from typing import Any
 
 import aiohttp
 import msgpack
+from common import (
+    BASE_TIME,
+    RESULTS_DIR,
+    Column,
+    CpuWindow,
+    Profiler,
+    Server,
+    classify,
+    jsonable_settings,
+    loadavg,
+    machine_info,
+    mint,
+    new_task_fields,
+    own_cpu_seconds,
+    percentile,
+    running_server,
+    summarize_profile,
+    table_head,
+    table_row,
+    task_edit,
+    write_json,
+)
 from pycrdt import Doc, Map
 
-SECRET = "bench-secret-with-enough-entropy-0123456789abcdef"
 DOMAIN = "activity"
 BUS = ("bu1", "bu2", "bu3", "bu4")
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 MSGPACK = "application/msgpack"
 REQUEST_TIMEOUT_S = 120.0
 
 # ---------------------------------------------------------------------------------------
-# realistic activity (task) records
+# the updates devices push
 # ---------------------------------------------------------------------------------------
-
-JOBS = (
-    "Check fire extinguishers, block {n}",
-    "Quarterly DG set inspection #{n}",
-    "Night patrol round, gate {n}",
-    "Replace lobby light fittings (floor {n})",
-    "HVAC filter cleaning, AHU-{n}",
-    "Water tank cleaning and chlorination, tank {n}",
-    "CCTV camera alignment, zone {n}",
-    "Lift emergency alarm test, lift {n}",
-)
-REMARKS = (
-    "On site, starting now",
-    "Waiting for key from security desk",
-    "Spare part replaced, testing",
-    "Customer signed off",
-    "Photos uploaded, all ok",
-    "Minor leak found, reported to supervisor",
-)
-BASE_TIME = 1_767_225_600  # 2026-01-01T00:00:00Z
-
-
-def iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-
-
-def new_task_fields(rng: random.Random, n: int, plan: int) -> dict[str, Any]:
-    return {
-        "jobdesc": rng.choice(JOBS).format(n=n),
-        "plandatetime": iso(plan),
-        "expirydatetime": iso(plan + 8 * 3600),
-        "gracetime": rng.choice((5, 10, 15, 30)),
-        "priority": rng.choice(("LOW", "MEDIUM", "HIGH")),
-        "jobstatus": "ASSIGNED",
-        "assignee": f"people-{rng.randrange(1, 500)}",
-        "lat": round(12.9 + rng.random() / 10, 6),
-        "lon": round(77.5 + rng.random() / 10, 6),
-        "remarks": "",
-    }
-
-
-def task_edit(
-    rng: random.Random, fields: dict[str, Any], plan: int, round_no: int
-) -> dict[str, Any]:
-    """The fields a technician changes in edit number `round_no` (1-based) of a task."""
-    if round_no == 1:
-        return {"jobstatus": "INPROGRESS", "starttime": iso(plan + 600), "remarks": REMARKS[0]}
-    if round_no == 2:
-        return {
-            "jobstatus": rng.choice(("WORKING", "STANDBY")),
-            "remarks": rng.choice(REMARKS),
-            "lat": round(fields["lat"] + 0.0001, 6),
-            "lon": round(fields["lon"] - 0.0001, 6),
-        }
-    if round_no == 3:
-        return {
-            "jobstatus": "COMPLETED",
-            "endtime": iso(plan + 5400),
-            "remarks": rng.choice(REMARKS),
-        }
-    return {"remarks": f"{rng.choice(REMARKS)} ({round_no})"}
 
 
 @dataclass(slots=True)
@@ -174,6 +126,13 @@ def _edit(task: Task, values: dict[str, Any]) -> bytes:
             fmap[k] = v
     task.fields.update(values)
     return task.doc.get_update(before)
+
+
+def _new_task(rng: random.Random, client_id: int) -> Task:
+    record_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+    bu = rng.choice(BUS)
+    plan = BASE_TIME + rng.randrange(0, 90 * 86400, 900)
+    return Task(record_id, bu, Doc(client_id=client_id), plan, {})
 
 
 def device_updates(
@@ -197,28 +156,16 @@ def device_updates(
         tasks = []
         for _ in range(min(open_tasks, n_items - len(out))):
             serial += 1
-            doc: Doc[Any] = Doc(client_id=client_id)
-            task = Task(
-                str(uuid.UUID(int=rng.getrandbits(128), version=4)),
-                rng.choice(BUS),
-                doc,
-                BASE_TIME + rng.randrange(0, 90 * 86400, 900),
-                {},
-            )
-            fields = new_task_fields(rng, serial, task.plan)
-            out.append((task.record_id, task.bu, _edit(task, fields)))
+            task = _new_task(rng, client_id)
+            update = _edit(task, new_task_fields(rng, serial, task.plan))
+            out.append((task.record_id, task.bu, update))
             tasks.append(task)
         for round_no in range(1, edits + 1):
             for task in tasks:
                 if len(out) >= n_items:
                     break
-                out.append(
-                    (
-                        task.record_id,
-                        task.bu,
-                        _edit(task, task_edit(rng, task.fields, task.plan, round_no)),
-                    )
-                )
+                values = task_edit(rng, task.fields, task.plan, round_no)
+                out.append((task.record_id, task.bu, _edit(task, values)))
         if expected is not None:
             expected.update({t.record_id: dict(t.fields) for t in tasks})
     return out
@@ -227,11 +174,8 @@ def device_updates(
 def pack_body(items: Sequence[dict[str, Any]], use_json: bool) -> bytes:
     if use_json:
         ready = [
-            {
-                k: base64.b64encode(v).decode() if isinstance(v, bytes) else v
-                for k, v in item.items()
-            }
-            for item in items
+            {k: base64.b64encode(v).decode() if isinstance(v, bytes) else v for k, v in i.items()}
+            for i in items
         ]
         return json.dumps({"items": ready}, separators=(",", ":")).encode()
     packed: bytes = msgpack.packb({"items": list(items)})
@@ -266,146 +210,6 @@ def push_bodies(
         items = [{"record_id": r, "bu": bu, "update": u} for r, bu, u in chunk]
         out.append((pack_body(items, use_json), len(chunk)))
     return out
-
-
-# ---------------------------------------------------------------------------------------
-# the server process
-# ---------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A free TCP port below the ephemeral range (32768+), where client sockets live."""
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port found below 32768")
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds."""
-    with open(f"/proc/{pid}/stat") as fh:
-        stat = fh.read()
-    fields_after_comm = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields_after_comm[11]) + int(fields_after_comm[12])) / CLK_TCK
-
-
-def proc_status_kb(pid: int, key: str) -> int:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds all processes on the machine have used (non-idle jiffies of /proc/stat)."""
-    with open("/proc/stat") as fh:
-        values = [int(v) for v in fh.readline().split()[1:9]]
-    return (sum(values) - values[3] - values[4]) / CLK_TCK  # minus idle and iowait
-
-
-def own_cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
-def server_command(db: Path, port: int) -> list[str]:
-    script = Path(sys.executable).with_name("fieldsync")
-    args = ["serve", "--db", str(db), "--host", "127.0.0.1", "--port", str(port)]
-    if script.exists():
-        return [str(script), *args]
-    return [
-        sys.executable,
-        "-c",
-        "import sys; from server.cli import main; main(sys.argv[1:])",
-        *args,
-    ]
-
-
-class Server:
-    """One `fieldsync serve` process on a temporary SQLite file; stopped by its own PID."""
-
-    def __init__(self, workdir: Path, src: Path | None = None) -> None:
-        self.workdir = workdir
-        self.src = src
-        self.db = workdir / "bench.db"
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = workdir / "server.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self, timeout_s: float = 30.0) -> None:
-        env = {**os.environ, "FIELDSYNC_JWT_SECRET": SECRET, "FIELDSYNC_LOG_LEVEL": "WARNING"}
-        if self.src is not None:  # A/B runs: import server/storage/crdt_models from elsewhere
-            env["PYTHONPATH"] = os.pathsep.join(
-                filter(None, [str(self.src), env.get("PYTHONPATH")])
-            )
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                server_command(self.db, self.port),
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-            )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"the server exited with {self.proc.returncode}:\n{self.log_tail()}"
-                )
-            try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=1) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(
-            f"the server did not answer /healthz in {timeout_s} s:\n{self.log_tail()}"
-        )
-
-    def cpu_seconds(self) -> float:
-        return proc_cpu_seconds(self.pid)
-
-    def rss_mb(self) -> float:
-        return proc_status_kb(self.pid, "VmRSS") / 1024
-
-    def peak_rss_mb(self) -> float:
-        return proc_status_kb(self.pid, "VmHWM") / 1024
-
-    def stop(self, timeout_s: float = 15.0) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            print(f"server {self.pid} ignored SIGTERM for {timeout_s} s; sending SIGKILL")
-            self.proc.kill()
-            return self.proc.wait(timeout_s)
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no server log)"
-
-
-def mint(tenant: str) -> str:
-    from server.auth import mint_token
-
-    return mint_token(SECRET, tenant=tenant, user="bench-user", bus=["*"], ttl_s=6 * 3600)
 
 
 # ---------------------------------------------------------------------------------------
@@ -444,15 +248,27 @@ class WorkerResult:
     latencies_ms: list[float] = field(default_factory=list)
     exhausted: int = 0  # devices that ran out of pre-generated items before the deadline
 
+    def error(self, message: str) -> None:
+        self.first_error = self.first_error or message
+
+    def count_answer(self, raw: bytes, use_json: bool) -> None:
+        for item in unpack_body(raw, use_json)["results"]:
+            self.statuses[item["status"]] = self.statuses.get(item["status"], 0) + 1
+            if item["status"] not in ("created", "merged"):
+                self.error(f"item answered {item['status']}: {item.get('error')}")
+
+
+Plan = tuple[str, list[tuple[bytes, int]]]  # a device's id and its request bodies
+
 
 def worker_main(spec: PhaseSpec, index: int, barrier: Any, results: Any) -> None:
     """One load-generator process: generate (untimed), wait for the start, push till the end."""
     try:
         started = time.perf_counter()
-        plans = [_device_bodies(spec, index, d) for d in range(spec.devices)]
+        plans = [_device_plan(spec, index, d) for d in range(spec.devices)]
         gen_s = time.perf_counter() - started
         barrier.wait(timeout=600)
-        result = asyncio.run(_drive(spec, index, plans))
+        result = asyncio.run(drive(spec, index, plans))
         result.gen_s = gen_s
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails the phase
         result = WorkerResult(index, first_error=f"worker crashed: {type(exc).__name__}: {exc}")
@@ -463,9 +279,7 @@ def worker_main(spec: PhaseSpec, index: int, barrier: Any, results: Any) -> None
     results.put(asdict(result))
 
 
-def _device_bodies(
-    spec: PhaseSpec, worker: int, device: int
-) -> tuple[str, list[tuple[bytes, int]]]:
+def _device_plan(spec: PhaseSpec, worker: int, device: int) -> Plan:
     number = worker * spec.devices + device
     client_id = spec.client_id_base + number
     updates = device_updates(
@@ -474,9 +288,8 @@ def _device_bodies(
     return f"{spec.name}-dev-{number}", push_bodies(updates, spec.batch, spec.use_json)
 
 
-async def _drive(
-    spec: PhaseSpec, index: int, plans: list[tuple[str, list[tuple[bytes, int]]]]
-) -> WorkerResult:
+async def drive(spec: PhaseSpec, index: int, plans: list[Plan]) -> WorkerResult:
+    """Push every device's bodies (one request in flight per device) until the deadline."""
     result = WorkerResult(index)
     cpu0, t0 = own_cpu_seconds(), time.perf_counter()
     deadline = t0 + spec.duration_s
@@ -520,19 +333,16 @@ async def _drive_device(
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError) as exc:
             result.http_errors += 1
-            result.first_error = result.first_error or f"request failed: {exc!r}"
+            result.error(f"request failed: {exc!r}")
             return
         result.latencies_ms.append((time.perf_counter() - started) * 1000)
         result.requests += 1
         result.items_sent += count
         if status != 200:
             result.http_errors += 1
-            result.first_error = result.first_error or f"HTTP {status}: {raw[:300]!r}"
+            result.error(f"HTTP {status}: {raw[:300]!r}")
             return  # later edits depend on this batch: stop this device
-        for item in unpack_body(raw, spec.use_json)["results"]:
-            result.statuses[item["status"]] = result.statuses.get(item["status"], 0) + 1
-            if item["status"] not in ("created", "merged") and result.first_error is None:
-                result.first_error = f"item answered {item['status']}: {item.get('error')}"
+        result.count_answer(raw, spec.use_json)
     result.exhausted += 1
 
 
@@ -572,61 +382,10 @@ class PhaseResult:
     logged_rows: int | None = None
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
-class Profiler:
-    """py-spy attached to the server for one phase (raw collapsed stacks, by function)."""
-
-    def __init__(self, pid: int, out: Path, rate: int = 200) -> None:
-        self.out = out
-        self.rate = rate
-        self.cmd = [
-            str(Path(sys.executable).with_name("py-spy")),
-            "record",
-            "--pid",
-            str(pid),
-            "--format",
-            "raw",
-            "--function",
-            "--threads",
-            "--nonblocking",
-            "--rate",
-            str(rate),
-            "-o",
-            str(out),
-        ]
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        if not Path(self.cmd[0]).exists():
-            raise RuntimeError("py-spy is not installed: /tmp/venv/bin/pip install py-spy")
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        time.sleep(0.3)
-        if self.proc.poll() is not None:
-            raise RuntimeError(
-                f"py-spy failed: {self.proc.stdout.read().decode() if self.proc.stdout else ''}"
-            )
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
 def run_phase(server: Server, spec: PhaseSpec, profiler: Profiler | None = None) -> PhaseResult:
+    """Start the load processes, time them from the common start to their last answer."""
     ctx = mp.get_context("spawn")
-    barrier = ctx.Barrier(spec.clients + 1)
-    queue = ctx.Queue()
+    barrier, queue = ctx.Barrier(spec.clients + 1), ctx.Queue()
     procs = [
         ctx.Process(target=worker_main, args=(spec, i, barrier, queue), daemon=True)
         for i in range(spec.clients)
@@ -634,17 +393,12 @@ def run_phase(server: Server, spec: PhaseSpec, profiler: Profiler | None = None)
     for p in procs:
         p.start()
     try:
-        try:
-            barrier.wait(timeout=600)  # every worker has generated its bodies
-        except threading.BrokenBarrierError:
-            errors = [queue.get(timeout=5).get("first_error") for _ in range(queue.qsize())]
-            raise RuntimeError(f"a load generator failed before the start: {errors}") from None
+        _wait_generated(barrier, queue)
         if profiler is not None:
             profiler.start()
-        cpu0, busy0, t0 = server.cpu_seconds(), machine_busy_seconds(), time.perf_counter()
+        window = CpuWindow(server.pid).start()
         raw = [queue.get(timeout=spec.duration_s + REQUEST_TIMEOUT_S + 60) for _ in procs]
-        cpu1, busy1 = server.cpu_seconds(), machine_busy_seconds()
-        wall = time.perf_counter() - t0
+        window.stop()
     finally:
         if profiler is not None:
             profiler.stop()
@@ -652,22 +406,32 @@ def run_phase(server: Server, spec: PhaseSpec, profiler: Profiler | None = None)
             p.join(timeout=30)
             if p.is_alive():
                 p.terminate()
-    workers = [WorkerResult(**r) for r in raw]
-    result = summarize_phase(spec, workers, cpu1 - cpu0, wall, server.rss_mb())
-    others = busy1 - busy0 - result.server_cpu_s - result.client_cpu_s
-    result.other_cpu_pct = max(0.0, others) / wall * 100 if wall else 0.0
+    result = summarize_phase(spec, [WorkerResult(**r) for r in raw], window, server.rss_mb())
+    result.other_cpu_pct = window.others_pct(result.client_cpu_s)
     return result
 
 
+def _wait_generated(barrier: Any, queue: Any) -> None:
+    """Wait until every worker has generated its bodies (they all start together)."""
+    try:
+        barrier.wait(timeout=600)
+    except threading.BrokenBarrierError:
+        errors = [queue.get(timeout=5).get("first_error") for _ in range(queue.qsize())]
+        raise RuntimeError(f"a load generator failed before the start: {errors}") from None
+
+
 def summarize_phase(
-    spec: PhaseSpec, workers: list[WorkerResult], server_cpu: float, wall: float, rss: float
+    spec: PhaseSpec, workers: list[WorkerResult], window: CpuWindow, rss: float
 ) -> PhaseResult:
     statuses: Counter[str] = Counter()
     for w in workers:
         statuses.update(w.statuses)
     acked = statuses["created"] + statuses["merged"]
+    wall, server_cpu = window.wall_s, window.server_s
     elapsed = max((w.elapsed_s for w in workers), default=wall) or wall
+    per_s = (lambda n: n / elapsed) if elapsed else (lambda n: 0.0)
     latencies = [x for w in workers for x in w.latencies_ms]
+    requests = sum(w.requests for w in workers)
     client_cpu = sum(w.cpu_s for w in workers)
     errors = [w.first_error for w in workers if w.first_error]
     return PhaseResult(
@@ -678,21 +442,21 @@ def summarize_phase(
         devices_per_client=spec.devices,
         duration_s=spec.duration_s,
         elapsed_s=elapsed,
-        requests=sum(w.requests for w in workers),
+        requests=requests,
         acked=acked,
         not_acked={k: v for k, v in statuses.items() if k not in ("created", "merged")},
         http_errors=sum(w.http_errors for w in workers),
         first_error=errors[0] if errors else None,
-        updates_per_s=acked / elapsed if elapsed else 0.0,
-        requests_per_s=sum(w.requests for w in workers) / elapsed if elapsed else 0.0,
+        updates_per_s=per_s(acked),
+        requests_per_s=per_s(requests),
         latency_p50_ms=percentile(latencies, 0.50),
         latency_p99_ms=percentile(latencies, 0.99),
         latency_max_ms=max(latencies, default=0.0),
         server_cpu_s=server_cpu,
         server_cpu_us_per_update=server_cpu / acked * 1e6 if acked else 0.0,
-        server_cpu_pct=server_cpu / wall * 100 if wall else 0.0,
+        server_cpu_pct=window.server_pct,
         client_cpu_s=client_cpu,
-        client_cpu_pct=client_cpu / elapsed * 100 if elapsed else 0.0,
+        client_cpu_pct=per_s(client_cpu) * 100,
         generation_s=max((w.gen_s for w in workers), default=0.0),
         devices_exhausted=sum(w.exhausted for w in workers),
         rss_mb_after=rss,
@@ -719,6 +483,9 @@ class CatchupResult:
     rss_mb_after: float
 
 
+Fetched = tuple[list[tuple[str, bytes]], int, int]  # (record_id, update) pairs, requests, bytes
+
+
 async def load_catchup_records(
     server: Server,
     tenant: str,
@@ -741,21 +508,21 @@ async def load_catchup_records(
         plans.append((f"catchup-loader-{d}", push_bodies(updates, 1000, use_json)))
     started = time.perf_counter()
     spec = PhaseSpec(
-        "catchup-load",
-        tenant,
-        1000,
-        3600.0,
-        0,
-        len(plans),
-        1,
-        500,
-        edits,
-        use_json,
-        server.url,
-        token,
-        0,
+        name="catchup-load",
+        tenant=tenant,
+        batch=1000,
+        duration_s=3600.0,
+        items_per_device=0,
+        devices=len(plans),
+        clients=1,
+        open_tasks=500,
+        edits=edits,
+        use_json=use_json,
+        url=server.url,
+        token=token,
+        client_id_base=0,
     )
-    result = await _drive(spec, 0, plans)
+    result = await drive(spec, 0, plans)
     acked = result.statuses.get("created", 0) + result.statuses.get("merged", 0)
     if acked != n_records * (1 + edits) or result.first_error:
         raise RuntimeError(f"catch-up load failed: {acked} acked, {result.first_error}")
@@ -796,7 +563,7 @@ async def pull_all(
     use_json: bool,
     max_pages: int,
     time_limit_s: float,
-) -> tuple[list[tuple[str, bytes]], int, int]:
+) -> Fetched:
     """Page the change feed from the start: (record_id, update) pairs, pages, bytes."""
     url = f"{server.url}/api/v1/sync/{DOMAIN}/changes"
     headers = content_headers(token, "catchup-phone", use_json)
@@ -826,7 +593,8 @@ async def state_vector_catch_up(
     token: str,
     record_ids: list[str],
     use_json: bool,
-) -> tuple[list[tuple[str, bytes]], int, int]:
+) -> Fetched:
+    """Ask for every record by an empty state vector, 1000 items per push."""
     url = f"{server.url}/api/v1/sync/{DOMAIN}/sync"
     headers = content_headers(token, "catchup-phone", use_json)
     out: list[tuple[str, bytes]] = []
@@ -867,22 +635,10 @@ async def run_catchup(
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         for limit in args.pull_limits:
-            results.append(
-                await _timed_catchup(
-                    server,
-                    f"pull limit={limit}",
-                    expected,
-                    pull_all(session, server, token, limit, args.json, max_pages, 300.0),
-                )
-            )
-        results.append(
-            await _timed_catchup(
-                server,
-                "state-vector push x1000",
-                expected,
-                state_vector_catch_up(session, server, token, sorted(expected), args.json),
-            )
-        )
+            fetch = pull_all(session, server, token, limit, args.json, max_pages, 300.0)
+            results.append(await _timed_catchup(server, f"pull limit={limit}", expected, fetch))
+        fetch = state_vector_catch_up(session, server, token, sorted(expected), args.json)
+        results.append(await _timed_catchup(server, "state-vector push x1000", expected, fetch))
     return load, results
 
 
@@ -897,27 +653,27 @@ async def _timed_catchup(
     if problem:
         print(f"\n!!!!! CATCH-UP FAILED ({method}): {problem} !!!!!\n", flush=True)
     return CatchupResult(
-        method,
-        seconds,
-        requests,
-        len(updates),
-        received,
-        apply_s,
-        len(docs),
-        problem is None,
-        problem,
-        cpu,
-        server.rss_mb(),
+        method=method,
+        seconds=seconds,
+        requests=requests,
+        changes=len(updates),
+        bytes_received=received,
+        apply_s=apply_s,
+        records=len(docs),
+        correct=problem is None,
+        problem=problem,
+        server_cpu_s=cpu,
+        rss_mb_after=server.rss_mb(),
     )
 
 
 # ---------------------------------------------------------------------------------------
-# profile summary
+# where the server's time goes (profile steps)
 # ---------------------------------------------------------------------------------------
 
-# Where the time goes: each sample is put in the step of the innermost frame that matches
-# one of these substrings (frames look like "Class.func (pkg/module.py:line)"); samples of
-# other threads than the event loop's are SQLite work (aiosqlite runs one thread per connection).
+# Each sample is put in the step of the innermost frame that matches one of these
+# substrings; samples of other threads than the event loop's are SQLite work (aiosqlite
+# runs one thread per connection).
 SQLITE_THREADS = "sqlite (aiosqlite threads: execute, commit, fsync)"
 STEPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("merge: apply_update", ("apply_update (server/gate",)),
@@ -958,63 +714,10 @@ ORPHANS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("merge: constraints.evaluate", ("(crdt_models/rules_common", "(crdt_models/values")),
     ("json encoding (caller lost by py-spy)", ("(json/encoder",)),
 )
-PROJECT_CODE = ("(server/", "(crdt_models/", "(storage/", "(pycrdt/", "(json/", "(msgpack")
 
 
-def _frames(stack: str) -> list[str]:
-    return [f for f in stack.split(";") if f]
-
-
-def _step(frames: list[str], main_thread: bool) -> str:
-    if not main_thread:
-        return SQLITE_THREADS
-    for rules in (STEPS, ORPHANS):
-        for frame in reversed(frames):
-            for name, needles in rules:
-                if any(n in frame for n in needles):
-                    return name
-    return "other"
-
-
-def summarize_profile(raw_path: Path, seconds: float, rate: int, top: int = 15) -> dict[str, Any]:
-    own: Counter[str] = Counter()
-    total: Counter[str] = Counter()
-    steps: Counter[str] = Counter()
-    threads: Counter[str] = Counter()
-    samples = 0
-    for line in raw_path.read_text(errors="replace").splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        frames = _frames(stack)
-        if len(frames) < 2 or not count_text.isdigit():
-            continue
-        count, thread, frames = int(count_text), frames[0], frames[1:]
-        samples += count
-        threads[thread] += count
-        own[_short(frames[-1])] += count
-        for f in set(map(_short, frames)):
-            total[f] += count
-        steps[_step(frames, "MainThread" in thread)] += count
-    pct = (lambda n: round(100.0 * n / samples, 1)) if samples else (lambda n: 0.0)
-    project = [(f, n) for f, n in total.most_common() if any(m in f for m in PROJECT_CODE)]
-    return {
-        "samples": samples,
-        "busy_cores": round(samples / (seconds * rate), 2) if seconds else None,
-        "threads": {k: pct(v) for k, v in threads.most_common()},
-        "own": [(f, pct(n)) for f, n in own.most_common(top)],
-        "inclusive_project": [(f, pct(n)) for f, n in project[: top + 10]],
-        "steps": [(c, pct(n)) for c, n in steps.most_common()],
-    }
-
-
-def _short(frame: str) -> str:
-    """`func (/long/path/site-packages/pkg/mod.py)` -> `func (pkg/mod.py)`."""
-    name, _, path = frame.partition(" (")
-    path = path.rstrip(")")
-    for marker in ("site-packages/", "/work/main/", "lib/python3.11/"):
-        if marker in path:
-            path = path.split(marker, 1)[1]
-            break
-    return f"{name} ({path})" if path else name
+def step_of(frames: list[str], thread: str) -> str:
+    return classify(frames, (STEPS, ORPHANS)) if "MainThread" in thread else SQLITE_THREADS
 
 
 # ---------------------------------------------------------------------------------------
@@ -1030,25 +733,64 @@ def logged_rows_by_tenant(db: Path) -> dict[str, int]:
         conn.close()
 
 
-def print_phase_table(phases: list[PhaseResult]) -> None:
-    head = (
-        f"{'batch':>6} {'upd/s':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'srv CPU':>8}"
-        f" {'srv µs/upd':>10} {'srv CPU%':>8} {'cli CPU%':>8} {'oth CPU%':>8} {'RSS MB':>7}"
-        f" {'acked':>8} {'logged':>8}"
-    )
-    print("\nIngest (durable record-updates; every acked item is committed before the answer)")
-    print(head)
-    print("-" * len(head))
+def check_durability(db: Path, phases: list[PhaseResult]) -> bool:
+    """Fill in logged rows per phase; True if any acked update is missing from the log."""
+    if not phases:
+        return False
+    logged = logged_rows_by_tenant(db)
+    failed = False
     for p in phases:
-        logged = "-" if p.logged_rows is None else str(p.logged_rows)
-        print(
-            f"{p.batch:>6} {p.updates_per_s:>8.0f} {p.requests_per_s:>8.0f}"
-            f" {p.latency_p50_ms:>8.1f}"
-            f" {p.latency_p99_ms:>8.1f} {p.server_cpu_s:>7.1f}s {p.server_cpu_us_per_update:>10.1f}"
-            f" {p.server_cpu_pct:>7.0f}% {p.client_cpu_pct:>7.0f}% {p.other_cpu_pct:>7.0f}%"
-            f" {p.rss_mb_after:>7.0f}"
-            f" {p.acked:>8} {logged:>8}"
-        )
+        p.logged_rows = logged.get(p.tenant, 0)
+        if p.logged_rows < p.acked:
+            print(
+                f"\n!!!!! DURABILITY: batch {p.batch}: {p.acked} acked but {p.logged_rows}"
+                " log rows !!!!!\n"
+            )
+            failed = True
+    return failed
+
+
+PHASE_COLUMNS = (
+    Column("batch", 6),
+    Column("upd/s", 8, ".0f"),
+    Column("req/s", 8, ".0f"),
+    Column("p50 ms", 8, ".1f"),
+    Column("p99 ms", 8, ".1f"),
+    Column("srv CPU", 8, ".1f", "s"),
+    Column("srv µs/upd", 10, ".1f"),
+    Column("srv CPU%", 8, ".0f", "%"),
+    Column("cli CPU%", 8, ".0f", "%"),
+    Column("oth CPU%", 8, ".0f", "%"),
+    Column("RSS MB", 7, ".0f"),
+    Column("acked", 8),
+    Column("logged", 8),
+)
+
+
+def _phase_row(p: PhaseResult) -> tuple[Any, ...]:
+    logged = "-" if p.logged_rows is None else str(p.logged_rows)
+    return (
+        p.batch,
+        p.updates_per_s,
+        p.requests_per_s,
+        p.latency_p50_ms,
+        p.latency_p99_ms,
+        p.server_cpu_s,
+        p.server_cpu_us_per_update,
+        p.server_cpu_pct,
+        p.client_cpu_pct,
+        p.other_cpu_pct,
+        p.rss_mb_after,
+        p.acked,
+        logged,
+    )
+
+
+def print_phase_table(phases: list[PhaseResult]) -> None:
+    print("\nIngest (durable record-updates; every acked item is committed before the answer)")
+    print("\n".join(table_head(PHASE_COLUMNS)))
+    for p in phases:
+        print(table_row(PHASE_COLUMNS, _phase_row(p)))
         if p.not_acked or p.http_errors or p.first_error:
             print(
                 f"       !! not acked: {p.not_acked}, HTTP errors {p.http_errors}: {p.first_error}"
@@ -1060,24 +802,40 @@ def print_phase_table(phases: list[PhaseResult]) -> None:
             )
 
 
+CATCHUP_COLUMNS = (
+    Column("method", 26, left=True),
+    Column("seconds", 8, ".2f"),
+    Column("requests", 8),
+    Column("updates", 8),
+    Column("MB recv", 8, ".2f"),
+    Column("srv CPU s", 9, ".2f"),
+    Column("apply s", 8, ".2f"),
+    Column("records", 8),
+    Column("ok", 4),
+    Column("goal", 6),
+)
+
+
 def print_catchup_table(load: dict[str, Any], results: list[CatchupResult], goal_s: float) -> None:
     print(
         f"\nCatch-up of {load['records']} records ({load['entries']} log entries; loaded in"
         f" {load['seconds']:.1f} s) by one fresh device"
     )
-    head = (
-        f"{'method':<26} {'seconds':>8} {'requests':>8} {'updates':>8} {'MB recv':>8}"
-        f" {'srv CPU s':>9} {'apply s':>8} {'records':>8} {'ok':>4} {'goal':>6}"
-    )
-    print(head)
-    print("-" * len(head))
+    print("\n".join(table_head(CATCHUP_COLUMNS)))
     for r in results:
-        goal = "met" if r.seconds <= goal_s else "MISS"
-        print(
-            f"{r.method:<26} {r.seconds:>8.2f} {r.requests:>8} {r.changes:>8}"
-            f" {r.bytes_received / 1e6:>8.2f} {r.server_cpu_s:>9.2f} {r.apply_s:>8.2f}"
-            f" {r.records:>8} {'yes' if r.correct else 'NO':>4} {goal:>6}"
+        row = (
+            r.method,
+            r.seconds,
+            r.requests,
+            r.changes,
+            r.bytes_received / 1e6,
+            r.server_cpu_s,
+            r.apply_s,
+            r.records,
+            "yes" if r.correct else "NO",
+            "met" if r.seconds <= goal_s else "MISS",
         )
+        print(table_row(CATCHUP_COLUMNS, row))
         if r.problem:
             print(f"   !! {r.problem}")
 
@@ -1100,6 +858,58 @@ def print_profile(summary: dict[str, Any], out: Path, us_per_update: float | Non
     for name, share in summary["steps"]:
         us = f"{share * us_per_update / 100:6.0f} µs/upd" if us_per_update else ""
         print(f"  {share:>5.1f}%  {us}  {name}")
+
+
+@dataclass(slots=True)
+class Run:
+    """Everything one run measured."""
+
+    phases: list[PhaseResult] = field(default_factory=list)
+    load: dict[str, Any] = field(default_factory=dict)
+    catchup: list[CatchupResult] = field(default_factory=list)
+    rss_log: dict[str, float] = field(default_factory=dict)
+    profile: dict[str, Any] | None = None
+    failed: bool = False
+
+    def check(self) -> None:
+        self.failed |= any(p.not_acked or p.http_errors or p.first_error for p in self.phases)
+        self.failed |= any(not r.correct for r in self.catchup)
+
+
+def report(args: argparse.Namespace, run: Run, run_s: float) -> None:
+    print(
+        f"\nfieldsync HTTP sync benchmark — load average at start {args.loadavg},"
+        f" {machine_info()['cores']} cores, {args.clients} load processes x"
+        f" {args.devices} devices, {'JSON' if args.json else 'msgpack'} bodies,"
+        f" {args.duration:.0f} s per phase"
+    )
+    if run.phases:
+        print_phase_table(run.phases)
+        b100 = [p for p in run.phases if p.batch == 100]
+        if b100:
+            verdict = "met" if b100[0].updates_per_s >= 10_000 else "NOT met"
+            print(f"goal >= 10,000 upd/s at batch 100: {verdict} ({b100[0].updates_per_s:.0f})")
+    if run.catchup:
+        print_catchup_table(run.load, run.catchup, args.catchup_goal)
+    print("\nServer RSS (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in run.rss_log.items()))
+    if run.profile is not None:
+        batch = run.profile["batch"]
+        cost = next((p.server_cpu_us_per_update for p in run.phases if p.batch == batch), None)
+        print_profile(run.profile, Path(run.profile["raw"]), cost)
+    print(f"\n{'FAILED' if run.failed else 'ok'} — total run {run_s:.0f} s; results in {args.out}")
+    write_json(
+        args.out,
+        {
+            "machine": machine_info(),
+            "settings": jsonable_settings(vars(args)),
+            "ingest": [asdict(p) for p in run.phases],
+            "catchup_load": run.load,
+            "catchup": [asdict(r) for r in run.catchup],
+            "server_rss_mb": run.rss_log,
+            "profile": run.profile,
+            "failed": run.failed,
+        },
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -1190,34 +1000,29 @@ def phase_spec(
     # batch 1 cannot reach the rate of large batches; generate less for it
     guess = args.rate_guess if batch >= 10 else args.rate_guess / 4
     total = min(args.max_updates, int(guess * duration * 1.2) + devices * batch)
-    per_device = max(batch, -(-total // devices))
     tenant = f"bench-{name}"
     return PhaseSpec(
-        name,
-        tenant,
-        batch,
-        duration,
-        per_device,
-        args.devices,
-        args.clients,
-        args.open_tasks,
-        args.edits,
-        args.json,
-        server.url,
-        mint(tenant),
-        1_000_000 + number * 10_000,
+        name=name,
+        tenant=tenant,
+        batch=batch,
+        duration_s=duration,
+        items_per_device=max(batch, -(-total // devices)),
+        devices=args.devices,
+        clients=args.clients,
+        open_tasks=args.open_tasks,
+        edits=args.edits,
+        use_json=args.json,
+        url=server.url,
+        token=mint(tenant),
+        client_id_base=1_000_000 + number * 10_000,
     )
 
 
-def run_ingest(
-    server: Server, args: argparse.Namespace, rss_log: dict[str, float]
-) -> tuple[list[PhaseResult], dict[str, Any] | None]:
-    profile_summary = None
+def run_ingest(server: Server, args: argparse.Namespace, run: Run) -> None:
     if args.warmup > 0:
         warm = run_phase(server, phase_spec(server, args, "warmup", 10, args.warmup, 0))
-        rss_log["after warmup"] = server.rss_mb()
+        run.rss_log["after warmup"] = server.rss_mb()
         print(f"warm-up: {warm.updates_per_s:.0f} upd/s (not reported)", flush=True)
-    phases = []
     for number, batch in enumerate(args.batch_sizes, start=1):
         spec = phase_spec(server, args, f"b{batch}", batch, args.duration, number)
         profiler = None
@@ -1230,8 +1035,8 @@ def run_ingest(
             flush=True,
         )
         result = run_phase(server, spec, profiler)
-        phases.append(result)
-        rss_log[f"after batch {batch}"] = result.rss_mb_after
+        run.phases.append(result)
+        run.rss_log[f"after batch {batch}"] = result.rss_mb_after
         print(
             f"  -> {result.updates_per_s:.0f} upd/s, p50 {result.latency_p50_ms:.1f} ms,"
             f" p99 {result.latency_p99_ms:.1f} ms,"
@@ -1240,118 +1045,36 @@ def run_ingest(
             flush=True,
         )
         if profiler is not None:
-            profile_summary = summarize_profile(profiler.out, result.elapsed_s, profiler.rate)
-            profile_summary.update(batch=batch, raw=str(profiler.out))
-    return phases, profile_summary
+            run.profile = summarize_profile(profiler.out, result.elapsed_s, profiler.rate, step_of)
+            run.profile.update(batch=batch, raw=str(profiler.out))
+
+
+def measure(server: Server, args: argparse.Namespace, run: Run) -> None:
+    run.rss_log["start"] = server.rss_mb()
+    source = args.server_src or "the installed fieldsync"
+    print(f"server pid {server.pid} on {server.url}, db {server.db}, code: {source}")
+    run_ingest(server, args, run)
+    if not args.no_catchup:
+        run.load, run.catchup = asyncio.run(run_catchup(server, args))
+        run.rss_log["after catch-up"] = server.rss_mb()
+    run.rss_log["peak (VmHWM)"] = server.peak_rss_mb()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    args.loadavg = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    args.loadavg = loadavg()
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="fieldsync-bench-"))
-    server = Server(workdir, args.server_src)
-    rss_log: dict[str, float] = {}
-    phases: list[PhaseResult] = []
-    catchup: list[CatchupResult] = []
-    load: dict[str, Any] = {}
-    profile_summary = None
-    failed = False
+    run = Run()
     run_started = time.perf_counter()
-    try:
+    with running_server(args.server_src) as server:
         try:
-            server.start()
-            rss_log["start"] = server.rss_mb()
-            source = args.server_src or "the installed fieldsync"
-            print(f"server pid {server.pid} on {server.url}, db {server.db}, code: {source}")
-            phases, profile_summary = run_ingest(server, args, rss_log)
-            if not args.no_catchup:
-                load, catchup = asyncio.run(run_catchup(server, args))
-                rss_log["after catch-up"] = server.rss_mb()
-            rss_log["peak (VmHWM)"] = server.peak_rss_mb()
+            measure(server, args, run)
         finally:
-            code = server.stop()
-            if code not in (0, None, -signal.SIGTERM):
-                print(f"server exited with {code}:\n{server.log_tail()}")
-        failed |= check_durability(server.db, phases)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    failed |= any(p.not_acked or p.http_errors or p.first_error for p in phases)
-    failed |= any(not r.correct for r in catchup)
-    report(
-        args,
-        phases,
-        load,
-        catchup,
-        rss_log,
-        profile_summary,
-        failed,
-        time.perf_counter() - run_started,
-    )
-    return 1 if failed else 0
-
-
-def check_durability(db: Path, phases: list[PhaseResult]) -> bool:
-    """Fill in logged rows per phase; True if any acked update is missing from the log."""
-    if not phases:
-        return False
-    logged = logged_rows_by_tenant(db)
-    failed = False
-    for p in phases:
-        p.logged_rows = logged.get(p.tenant, 0)
-        if p.logged_rows < p.acked:
-            print(
-                f"\n!!!!! DURABILITY: batch {p.batch}: {p.acked} acked but {p.logged_rows}"
-                " log rows !!!!!\n"
-            )
-            failed = True
-    return failed
-
-
-def report(
-    args: argparse.Namespace,
-    phases: list[PhaseResult],
-    load: dict[str, Any],
-    catchup: list[CatchupResult],
-    rss_log: dict[str, float],
-    profile_summary: dict[str, Any] | None,
-    failed: bool,
-    run_s: float,
-) -> None:
-    print(
-        f"\nfieldsync HTTP sync benchmark — load average at start {args.loadavg},"
-        f" {os.cpu_count()} cores, {args.clients} load processes x"
-        f" {args.devices} devices, {'JSON' if args.json else 'msgpack'} bodies,"
-        f" {args.duration:.0f} s per phase"
-    )
-    if phases:
-        print_phase_table(phases)
-        b100 = [p for p in phases if p.batch == 100]
-        if b100:
-            verdict = "met" if b100[0].updates_per_s >= 10_000 else "NOT met"
-            print(f"goal >= 10,000 upd/s at batch 100: {verdict} ({b100[0].updates_per_s:.0f})")
-    if catchup:
-        print_catchup_table(load, catchup, args.catchup_goal)
-    print("\nServer RSS (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in rss_log.items()))
-    if profile_summary is not None:
-        cost = next(
-            (p.server_cpu_us_per_update for p in phases if p.batch == profile_summary["batch"]),
-            None,
-        )
-        print_profile(profile_summary, Path(profile_summary["raw"]), cost)
-    print(f"\n{'FAILED' if failed else 'ok'} — total run {run_s:.0f} s; results in {args.out}")
-    payload = {
-        "machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]},
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "ingest": [asdict(p) for p in phases],
-        "catchup_load": load,
-        "catchup": [asdict(r) for r in catchup],
-        "server_rss_mb": rss_log,
-        "profile": profile_summary,
-        "failed": failed,
-    }
-    args.out.write_text(json.dumps(payload, indent=2))
+            server.stop()  # a clean shutdown before the log rows are counted
+        run.failed |= check_durability(server.db, run.phases)
+    run.check()
+    report(args, run, time.perf_counter() - run_started)
+    return 1 if run.failed else 0
 
 
 if __name__ == "__main__":
