@@ -41,6 +41,8 @@ from crdt_models.record import (
     NonScalar,
     RecordDoc,
     RecordState,
+    root_array,
+    root_map,
     scalar_or_marker,
 )
 from crdt_models.schema import DomainModel
@@ -119,8 +121,9 @@ def evaluate(
     found: list[Correction] = []
     for rule in model.rules:
         corrections = list(rule(before, state, ctx))
-        found.extend(corrections)
-        state = apply_to_state(state, corrections)
+        if corrections:
+            found.extend(corrections)
+            state = apply_to_state(state, corrections)
     return _net(after, found)
 
 
@@ -178,9 +181,9 @@ def compensate(doc: RecordDoc, corrections: Iterable[Correction]) -> None:
     with doc.transaction(origin=SERVER_ORIGIN) as txn:
         if txn.origin != SERVER_ORIGIN:
             raise RuntimeError("compensate() must run in its own transaction")
-        fields = doc.get(FIELDS_ROOT, type=Map)
-        meta = doc.get(META_ROOT, type=Map)
-        history = doc.get(HISTORY_ROOT, type=Array) if _touches_history(pending) else None
+        fields = root_map(doc, FIELDS_ROOT)
+        meta = root_map(doc, META_ROOT)
+        history = root_array(doc, HISTORY_ROOT) if _touches_history(pending) else None
         for correction in pending:
             if correction.action in FIELD_ACTIONS:
                 _write_map(fields, correction)
@@ -233,7 +236,7 @@ def backoffice_edit(doc: RecordDoc, model: DomainModel, values: Mapping[str, obj
     Must not be called inside another transaction.
     """
     _check_edit(model, values)
-    fields = doc.get(FIELDS_ROOT, type=Map)
+    fields = root_map(doc, FIELDS_ROOT)
     with doc.transaction():
         current = {name: _current(fields, name) for name in values}
     writes = {

@@ -248,18 +248,31 @@ class DeviceSession:
             await self._send_changes(feed, entries, False, always=False)
 
     async def _send_changes(self, feed: Feed, entries: list[Any], more: bool, always: bool) -> None:
-        changes = merge_page([e for e in entries if not feed.is_echo(e)])
-        if not changes and not always:
+        shown = [e for e in entries if not feed.is_echo(e)]
+        if not shown and not always:
             return
-        await self._send(
-            {
-                "t": "changes",
-                "domain": feed.domain,
-                "changes": changes,
-                "cursor": encode_cursor(feed.tenant, feed.domain, feed.clock),
-                "has_more": more,
-            }
+        # Devices of one scope at one position get the very same frame: build it once.
+        key = (
+            feed.tenant,
+            feed.domain,
+            tuple(e.position for e in shown),
+            tuple(sorted(feed.clock.items())),
+            more,
         )
+        frame = self.svc.hub.frames.get(key)
+        if frame is None:
+            frame = msgpack.packb(
+                {
+                    "t": "changes",
+                    "domain": feed.domain,
+                    "changes": merge_page(shown),
+                    "cursor": encode_cursor(feed.tenant, feed.domain, feed.clock),
+                    "has_more": more,
+                }
+            )
+            self.svc.hub.frames.put(key, frame)
+        if not self.ws.closed:
+            await self.ws.send_bytes(frame)
 
     async def _send(self, frame: dict[str, Any]) -> None:
         if not self.ws.closed:

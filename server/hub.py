@@ -9,8 +9,8 @@ takes. Publishing is synchronous and never blocks on a slow client.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
-from collections.abc import Iterable, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from storage.types import LogEntry, NodeId, RecordKey
@@ -81,11 +81,32 @@ class Feed:
         return self.device is not None and entry.device == self.device and entry.origin == "device"
 
 
+class FrameCache:
+    """The last few encoded `changes` frames, shared by every subscriber that needs one."""
+
+    def __init__(self, size: int = 64) -> None:
+        self._size = size
+        self._frames: OrderedDict[Hashable, bytes] = OrderedDict()
+        self.hits = 0
+
+    def get(self, key: Hashable) -> bytes | None:
+        frame = self._frames.get(key)
+        if frame is not None:
+            self.hits += 1
+        return frame
+
+    def put(self, key: Hashable, frame: bytes) -> None:
+        self._frames[key] = frame
+        if len(self._frames) > self._size:
+            self._frames.popitem(last=False)
+
+
 class Hub:
     """Routes each committed entry to the feeds of its scope and of its record."""
 
     def __init__(self) -> None:
         self._feeds: dict[tuple[str, ...], set[Feed]] = {}
+        self.frames = FrameCache()
 
     def subscribe(self, feed: Feed) -> None:
         self._feeds.setdefault(_key(feed), set()).add(feed)
