@@ -41,20 +41,23 @@ class Feed:
     behind: bool = True  # starts by paging from its cursor
     overflows: int = 0
 
-    def covers(self, entry: LogEntry) -> bool:
-        return self.bus is None or entry.bu in self.bus
+    def covered(self, entries: Sequence[LogEntry]) -> Sequence[LogEntry]:
+        bus = self.bus
+        return entries if bus is None else [e for e in entries if e.bu in bus]
 
-    def offer(self, entry: LogEntry) -> None:
-        if self.behind:
-            self.wakeup.set()
+    def offer(self, entries: Sequence[LogEntry], size: int) -> None:
+        """Buffer committed entries (`size`: their update bytes), or fall behind past the limits."""
+        if not entries:
             return
-        self.buffer.append(entry)
-        self.buffered_bytes += len(entry.update)
+        self.wakeup.set()
+        if self.behind:
+            return
+        self.buffer.extend(entries)
+        self.buffered_bytes += size
         limits = self.limits
         if len(self.buffer) > limits.max_entries or self.buffered_bytes > limits.max_bytes:
             self.overflows += 1
             self.fall_behind()
-        self.wakeup.set()
 
     def fall_behind(self) -> None:
         """Drop the buffer: the next read pages from the log at the cursor instead."""
@@ -120,13 +123,20 @@ class Hub:
                 del self._feeds[key]
 
     def publish(self, entries: Sequence[LogEntry]) -> None:
+        """Offer one commit's entries to every feed of their scope and of their record."""
+        by_key: dict[tuple[str, ...], list[LogEntry]] = {}
         for entry in entries:
-            key = entry.key
-            for feed in self._feeds.get((key.tenant, key.domain), ()):
-                if feed.covers(entry):
-                    feed.offer(entry)
-            for feed in self._feeds.get(key, ()):
-                feed.offer(entry)
+            record = entry.key
+            by_key.setdefault((record.tenant, record.domain), []).append(entry)
+            by_key.setdefault(record, []).append(entry)
+        for key, group in by_key.items():
+            feeds = self._feeds.get(key)
+            if not feeds:
+                continue
+            size = sum(len(e.update) for e in group)
+            for feed in feeds:
+                shown = feed.covered(group)
+                feed.offer(shown, size if shown is group else sum(len(e.update) for e in shown))
 
     def feed_count(self) -> int:
         return sum(len(feeds) for feeds in self._feeds.values())

@@ -40,6 +40,12 @@ class Metrics:
             ["scope"],
             registry=r,
         )
+        self.open_sockets = Gauge(
+            "fieldsync_open_sockets", "Open device and Yjs sockets", registry=r
+        )
+        self.live_feeds = Gauge(
+            "fieldsync_live_feeds", "Live change feeds (socket subscriptions)", registry=r
+        )
         self.live_records = Gauge(
             "fieldsync_live_records", "Record docs held in memory", registry=r
         )

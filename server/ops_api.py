@@ -35,4 +35,6 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     svc = services(request)
     svc.metrics.live_records.set(len(svc.live))
+    svc.metrics.open_sockets.set(len(svc.sockets))
+    svc.metrics.live_feeds.set(svc.hub.feed_count())
     return web.Response(body=svc.metrics.render(), content_type="text/plain")
