@@ -238,7 +238,7 @@ def _welcome(args: argparse.Namespace, secret_source: str) -> str:
 fieldsync is serving on {base} (database: {args.db}; JWT secret from {secret_source})
 
 Get a token:
-  TOKEN=$(fieldsync token{db} --tenant acme --bus bu1 --user alice)
+  TOKEN=$({_me()} token{db} --tenant acme --bus bu1 --user alice)
 
 Sync a first record (a Yjs update setting two fields of a task):
   curl -s -X POST {base}/api/v1/sync/activity/sync \\
@@ -252,6 +252,12 @@ Pull what changed:
 Read it back as JSON:
   curl -s {base}/api/v1/records/activity/{record_id} -H "Authorization: Bearer $TOKEN"
 """
+
+
+def _me() -> str:
+    """How the user started us (`.venv/bin/fieldsync` works without activating the venv)."""
+    started = sys.argv[0]
+    return started if Path(started).name == "fieldsync" else "fieldsync"
 
 
 def _token(args: argparse.Namespace) -> None:
