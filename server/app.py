@@ -26,7 +26,7 @@ from .live import LiveRecords
 from .metrics import Metrics
 from .ownership import ClientOwners
 from .pipeline import Pipeline
-from .ratelimit import RateLimiter
+from .ratelimit import RateLimiter, TenantSlots
 from .services import SERVICES, Services
 from .sockets import OpenSockets
 
@@ -110,4 +110,5 @@ async def _services(config: Config, store: Store, node: NodeInfo) -> Services:
         sockets=OpenSockets(),
         yjs_rooms=Rooms(),
         limiter=RateLimiter(config.rates),
+        tenant_slots=TenantSlots(config.rates.tenant_in_flight, config.rates.tenant_queue),
     )

@@ -184,7 +184,8 @@ class DeviceSession:
             self.svc.limit(self.actor.principal, self.actor.device)
             domain = _known_domain(frame.get("domain"))
             items = parse_items(frame, True, self.svc.config.limits.max_items)
-            results = await self.svc.pipeline.push(self.actor, domain, items)
+            async with self.svc.tenant_slot(self.actor.principal):
+                results = await self.svc.pipeline.push(self.actor, domain, items)
         except ApiError as exc:
             error = _error(str(exc.code), exc.message, push_id)
             if "retry_after" in exc.details:

@@ -9,11 +9,13 @@ client can reach up to k times the limit, unless the balancer pins devices to no
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 _PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0}
@@ -104,6 +106,8 @@ class RateSettings:
     sockets_per_device: int = 4
     record: Rate = Rate(600, 60.0)  # accepted updates of one record
     preauth_sockets: int = 1000  # sockets that have not said hello yet
+    tenant_in_flight: int = 8  # sync requests of one tenant being merged at once
+    tenant_queue: int = 256  # of one tenant's requests waiting for a slot; past it: 429
 
 
 class RateLimiter:
@@ -142,3 +146,30 @@ class RateLimiter:
             self._sockets[key] = left
         else:
             self._sockets.pop(key, None)
+
+
+class TenantSlots:
+    """At most `in_flight` requests of one tenant merge at once; the rest wait their turn.
+
+    The token buckets bound how much a tenant asks for over time; this bounds how much
+    of the server one tenant holds at any moment, so a tenant bursting at its quota
+    queues behind itself instead of in front of everyone else.
+    """
+
+    def __init__(self, in_flight: int, queue: int) -> None:
+        self._in_flight, self._queue = in_flight, queue
+        self._tenants: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
+
+    @contextlib.asynccontextmanager
+    async def slot(self, tenant: str) -> AsyncIterator[None]:
+        sem, users = self._tenants.setdefault(tenant, (asyncio.Semaphore(self._in_flight), [0]))
+        if users[0] >= self._in_flight + self._queue:
+            raise Limited("tenant (requests waiting)", Rate(self._queue, 1.0), 1)
+        users[0] += 1
+        try:
+            async with sem:
+                yield
+        finally:
+            users[0] -= 1
+            if users[0] == 0:
+                del self._tenants[tenant]

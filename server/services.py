@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -18,7 +20,7 @@ from .idempotency import Idempotency
 from .live import LiveRecords
 from .metrics import Metrics
 from .pipeline import Pipeline
-from .ratelimit import Limited, RateLimiter
+from .ratelimit import Limited, RateLimiter, TenantSlots
 from .sockets import OpenSockets
 
 
@@ -36,19 +38,32 @@ class Services:
     sockets: OpenSockets
     yjs_rooms: Rooms
     limiter: RateLimiter
+    tenant_slots: TenantSlots
 
     def limit(self, principal: Principal, device: str | None) -> None:
         """Count one sync request; over a limit it is refused with 429 and Retry-After."""
         try:
             self.limiter.check(principal.tenant, principal.user, device)
         except Limited as exc:
-            self.metrics.rate_limited.labels(exc.scope).inc()
-            raise ApiError(
-                ErrorCode.RATE_LIMITED,
-                str(exc),
-                {"scope": exc.scope, "retry_after": exc.retry_after},
-                headers={"Retry-After": str(exc.retry_after)},
-            ) from None
+            raise self._refused(exc) from None
+
+    @contextlib.asynccontextmanager
+    async def tenant_slot(self, principal: Principal) -> AsyncIterator[None]:
+        """Hold one of the tenant's merge slots while the request merges and commits."""
+        try:
+            async with self.tenant_slots.slot(principal.tenant):
+                yield
+        except Limited as exc:  # only the slot raises it: the merge itself never does
+            raise self._refused(exc) from None
+
+    def _refused(self, exc: Limited) -> ApiError:
+        self.metrics.rate_limited.labels(exc.scope).inc()
+        return ApiError(
+            ErrorCode.RATE_LIMITED,
+            str(exc),
+            {"scope": exc.scope, "retry_after": exc.retry_after},
+            headers={"Retry-After": str(exc.retry_after)},
+        )
 
     def authenticate(self, request: web.Request) -> Principal:
         return self.verifier.verify(bearer_token(request))

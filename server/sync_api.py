@@ -43,11 +43,11 @@ async def push(request: web.Request) -> web.Response:
     raw, body, binary = await codec.read_body(request, svc.config.limits.max_body_bytes)
     items = parse_items(body, binary, svc.config.limits.max_items)
     key = request.headers.get("Idempotency-Key")
-    if key is None:
-        results = await svc.pipeline.push(actor, domain, items)
-        answer = _answer(results)
-    else:
-        answer = await _push_once(svc, actor, domain, items, key, request_hash(domain, raw))
+    async with svc.tenant_slot(principal):
+        if key is None:
+            answer = _answer(await svc.pipeline.push(actor, domain, items))
+        else:
+            answer = await _push_once(svc, actor, domain, items, key, request_hash(domain, raw))
     _count(svc, domain, answer)
     svc.metrics.push_seconds.labels(domain).observe(time.perf_counter() - started)
     return codec.encode(answer, codec.wants_msgpack(request, default=binary))

@@ -13,7 +13,7 @@ import msgpack
 import pytest
 from aiohttp.test_utils import TestClient
 
-from server.ratelimit import Buckets, Limited, Rate, RateLimiter, RateSettings
+from server.ratelimit import Buckets, Limited, Rate, RateLimiter, RateSettings, TenantSlots
 from server.sockets import CloseCode
 from tests.helpers import Api, Replica, ServerProcess, SocketDevice, token
 
@@ -187,3 +187,26 @@ def test_the_server_sets_a_memory_ceiling(tmp_path: Any) -> None:
         assert line.split()[3] == str(1 << 30)
     finally:
         proc.stop()
+
+
+async def test_a_tenant_merges_a_bounded_number_of_requests_at_once() -> None:
+    slots = TenantSlots(in_flight=2, queue=1)
+    inside, most = 0, 0
+
+    async def request() -> None:
+        nonlocal inside, most
+        async with slots.slot("noisy"):
+            inside += 1
+            most = max(most, inside)
+            await asyncio.sleep(0.01)
+            inside -= 1
+
+    async with slots.slot("quiet"):  # another tenant is never queued behind "noisy"
+        results = await asyncio.gather(*(request() for _ in range(3)))
+    assert most == 2 and results == [None] * 3
+    holders = [asyncio.create_task(request()) for _ in range(3)]
+    await asyncio.sleep(0)
+    with pytest.raises(Limited):
+        async with slots.slot("noisy"):
+            pass
+    await asyncio.gather(*holders)
