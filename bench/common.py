@@ -2,8 +2,8 @@
 
 - realistic activity (task) records and the edits a technician makes to them;
 - one ``fieldsync serve`` child process on a temporary SQLite file (127.0.0.1, a port below
-  32768, ``FIELDSYNC_JWT_SECRET`` set, rate limits lifted), stopped by its own PID only, temp
-  dir always removed;
+  32768, ``FIELDSYNC_JWT_SECRET`` set, rate limits lifted unless the caller passes its own
+  ``FIELDSYNC_RATE_*``), stopped by its own PID only, temp dir always removed;
 - JWTs signed with the same secret;
 - process and machine resources read from /proc: RSS (VmRSS, peak VmHWM), CPU seconds;
 - percentiles, py-spy sampling and a summary of its raw stacks;
@@ -30,7 +30,7 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -266,12 +266,21 @@ class Server:
 
     `src`: a folder holding server/, storage/, crdt_models/ to import instead of the installed
     code (A/B a patch). `nofile`: the child's open-file soft limit (each socket is one file).
+    `env`: extra environment variables for the child, applied last (e.g. real rate limits:
+    ``{"FIELDSYNC_RATE_TENANT": "50/second"}`` overrides ``UNLIMITED_RATES``).
     """
 
-    def __init__(self, workdir: Path, src: Path | None = None, nofile: int | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        src: Path | None = None,
+        nofile: int | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.src = src
         self.nofile = nofile
+        self.extra_env = dict(env or {})
         self.db = workdir / "bench.db"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -306,6 +315,7 @@ class Server:
             env["PYTHONPATH"] = os.pathsep.join(
                 filter(None, [str(self.src), env.get("PYTHONPATH")])
             )
+        env.update(self.extra_env)
         return env
 
     def _file_limit_setter(self) -> Callable[[], None] | None:
@@ -386,13 +396,16 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(src: Path | None = None, nofile: int | None = None) -> Iterator[Server]:
+def running_server(
+    src: Path | None = None, nofile: int | None = None, env: Mapping[str, str] | None = None
+) -> Iterator[Server]:
     """A started server in a fresh temp dir; stopped and the dir removed however the block ends.
 
     Call `server.stop()` inside the block to read the database after a clean shutdown.
+    `env`: extra environment variables for the server (see `Server`).
     """
     workdir = Path(tempfile.mkdtemp(prefix="fieldsync-bench-"))
-    server = Server(workdir, src, nofile)
+    server = Server(workdir, src, nofile, env)
     try:
         server.start()
         yield server

@@ -22,12 +22,26 @@ _PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0}
 _SPEC = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour)\s*$")
 
 
+BURST_SECONDS = 10.0
+MIN_BURST = 10
+
+
 @dataclass(frozen=True, slots=True)
 class Rate:
     """N per period, e.g. `Rate.parse("100/hour")`."""
 
     count: int
     period_s: float
+
+    @property
+    def burst(self) -> int:
+        """Tokens a bucket holds: ten seconds' worth (at least 10, at most N).
+
+        A bucket that held a whole period would let "6000/minute" arrive in one second.
+        """
+        return min(
+            self.count, max(MIN_BURST, math.ceil(self.count * BURST_SECONDS / self.period_s))
+        )
 
     @classmethod
     def parse(cls, spec: str) -> Rate:
@@ -48,11 +62,15 @@ class _Bucket:
 
 
 class Limited(Exception):
-    """Over a rate limit; retry after `retry_after` whole seconds."""
+    """Over a limit; retry after `retry_after` whole seconds."""
 
-    def __init__(self, scope: str, rate: Rate, retry_after: int) -> None:
-        super().__init__(f"rate limit of {rate} per {scope} reached; retry in {retry_after} s")
-        self.scope, self.rate, self.retry_after = scope, rate, retry_after
+    def __init__(self, scope: str, message: str, retry_after: int) -> None:
+        super().__init__(f"{message}; retry in {retry_after} s")
+        self.scope, self.retry_after = scope, retry_after
+
+
+def _over_rate(scope: str, rate: Rate, retry_after: int) -> Limited:
+    return Limited(scope, f"rate limit of {rate} per {scope} reached", retry_after)
 
 
 class Buckets:
@@ -85,13 +103,13 @@ class Buckets:
         now = self._clock()
         bucket = self._buckets.get(key)
         if bucket is None:
-            bucket = self._buckets[key] = _Bucket(float(self.rate.count), now)
+            bucket = self._buckets[key] = _Bucket(float(self.rate.burst), now)
             if len(self._buckets) > self._capacity:
                 self._buckets.popitem(last=False)  # the oldest: refilled by now, most likely
         else:
             self._buckets.move_to_end(key)
             gained = (now - bucket.updated) / self._per_token()
-            bucket.tokens = min(float(self.rate.count), bucket.tokens + gained)
+            bucket.tokens = min(float(self.rate.burst), bucket.tokens + gained)
             bucket.updated = now
         return bucket
 
@@ -127,7 +145,7 @@ class RateLimiter:
         worst = max(range(3), key=lambda i: waits[i])
         if waits[worst] > 0:
             kind = self._kinds[worst]
-            raise Limited(kind.scope, kind.rate, max(1, math.ceil(waits[worst])))
+            raise _over_rate(kind.scope, kind.rate, max(1, math.ceil(waits[worst])))
         for kind, key in zip(self._kinds, keys):
             kind.take(key)
 
@@ -164,7 +182,7 @@ class TenantSlots:
     async def slot(self, tenant: str) -> AsyncIterator[None]:
         sem, users = self._tenants.setdefault(tenant, (asyncio.Semaphore(self._in_flight), [0]))
         if users[0] >= self._in_flight + self._queue:
-            raise Limited("tenant (requests waiting)", Rate(self._queue, 1.0), 1)
+            raise Limited("tenant", f"{self._queue} requests of this tenant are already waiting", 1)
         users[0] += 1
         try:
             async with sem:

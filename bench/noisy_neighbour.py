@@ -1,0 +1,1505 @@
+"""Noisy-neighbour benchmark: does one tenant flooding at 10x its quota slow another tenant?
+
+What it measures
+----------------
+One real server (``fieldsync serve`` on a temporary SQLite file, 127.0.0.1, a port below 32768)
+runs with explicit rate limits (``--device-limit/--user-limit/--tenant-limit``, passed as
+``FIELDSYNC_RATE_*``; default 10, 20 and 50 per second), sized so the quiet tenant's load stays
+under half of each: it must never see a 429. Before starting, the bench waits (at most
+``--idle-wait`` s) for other processes to leave the machine idle.
+
+1. **warm-up** (not reported): the quiet load alone for a moment.
+2. **baseline**: tenant ``quiet`` alone. ``--quiet-devices`` devices (two per user) each send
+   ``--quiet-rate`` requests/s on a fixed schedule (open loop, staggered): pushes of 10
+   activity-record updates (creates, then edits of the same records: status, remarks,
+   position) and, every ``--pull-every``-th request, a delta pull
+   (``GET .../changes?cursor=...``). Every request's latency and send time are recorded.
+3. **at-quota** (full runs; ``--no-control`` skips it): the same quiet load plus tenant
+   ``noisy`` at exactly 1x its tenant quota: what the limits *allow* a neighbour to do.
+4. **flood**: the same quiet load plus tenant ``noisy`` offering ``--flood-factor`` x its
+   tenant quota from ``--noisy-procs`` processes. The offered load is spread over enough
+   devices and users that each of them stays under its own device and user limit, so it is
+   the *tenant* bucket that must refuse it. A noisy device resends a refused push at its next
+   slot (it ignores Retry-After: that is what makes it noisy) and moves on after a 200. Every
+   429 is checked: a ``Retry-After`` header holding a positive integer, and the JSON error
+   ``{"error": {"code": "rate_limited", "message", "details": {"scope", "retry_after"}}}``
+   with ``details.retry_after`` equal to the header. flood minus at-quota = what refusing
+   the excess costs the quiet tenant.
+5. **after** (full runs): the quiet load alone again (the database and heap have grown).
+6. **429 cost**: one device of tenant ``hammer`` sends pushes (the same 10-item bodies) as fast
+   as ``--cost-conns`` connections allow, so nearly all are refused by its device bucket;
+   server CPU seconds / refused requests = CPU per 429 (the few accepted pushes are charged
+   at the baseline's CPU per quiet request and subtracted). Then the same again under
+   py-spy (``--no-profile`` skips it) to show where a refusal's time goes.
+
+Unless ``--no-gc-trace``, the server's full (generation-2) and slow (>= 2 ms) garbage
+collections are logged with their start times by a ``gc.callbacks`` hook (a sitecustomize module
+on the server's PYTHONPATH; server code untouched), and every quiet request slower than 2x the
+baseline p99 is attributed: sent in the phase's first second (a flood's burst), overlapping a
+full GC, overlapping young GCs, or none of these.
+
+Reading the output
+------------------
+``p50/p99 ms``: the quiet tenant's request latency (pushes and pulls together; client send to
+last byte); ``p99 1s+``: of requests sent at least 1 s into the phase. The goal is flood p99 /
+baseline p99 < 2. ``offered/s``: noisy requests sent per second; ``accepted/s``: of them
+answered 200; the tenant bucket lets through at most quota x seconds + its size (it starts
+full: N for ``N/second``, a whole minute's N for ``N/minute``). ``full GCs``: count and longest
+pause. ``srv CPU%``: share of ONE core the server used; ``srv wait%``: time the server's threads
+were runnable but waiting for a core (the load generators share the machine with the server);
+``cli CPU%``: all load generators; ``oth CPU%``: everything else the machine did (other
+processes, loopback softirq, VM steal). After the run, the SQLite log rows of each tenant are
+counted: refused pushes must have stored nothing, accepted ones everything; and the server's
+``fieldsync_rate_limited_total`` counter must equal the 429s the clients saw.
+
+``python bench/noisy_neighbour.py --quick`` is a < 30 s smoke run (baseline and flood only, few
+samples: its p99 is close to the maximum). Results: ``bench/results/noisy_neighbour.json``
+(``--quick``: ``noisy_neighbour_quick.json``; ``--out`` to choose).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import multiprocessing as mp
+import os
+import re
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgpack
+from common import (
+    RESULTS_DIR,
+    Column,
+    CpuWindow,
+    Profiler,
+    Server,
+    classify,
+    code_version,
+    jsonable_settings,
+    loadavg,
+    machine_busy_seconds,
+    machine_info,
+    mint,
+    own_cpu_seconds,
+    percentiles,
+    print_table,
+    running_server,
+    summarize_profile,
+    write_json,
+)
+from http_sync import content_headers, device_updates, logged_rows_by_tenant, push_bodies
+
+from server.ratelimit import Rate
+
+DOMAIN = "activity"
+QUIET, NOISY, HAMMER = "quiet", "noisy", "hammer"
+BATCH = 10  # items per push
+OPEN_TASKS = 10  # records a device creates before editing them
+EDITS = 3  # edits per record after its creation
+PULL_LIMIT = 500
+CATCHUP_PAGES = 50
+REQUEST_TIMEOUT_S = 30.0
+MAX_429_EXAMPLES = 3
+GOAL_RATIO = 2.0
+POSITIVE_INT = re.compile(r"[1-9][0-9]{0,8}")
+
+# ---------------------------------------------------------------------------------------
+# what each load process does
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The server's per-device, per-user and per-tenant rates (a bucket holds `count`)."""
+
+    device: Rate
+    user: Rate
+    tenant: Rate
+
+    @classmethod
+    def parse(cls, device: str, user: str, tenant: str) -> Limits:
+        return cls(Rate.parse(device), Rate.parse(user), Rate.parse(tenant))
+
+    def env(self) -> dict[str, str]:
+        return {f"FIELDSYNC_RATE_{scope.upper()}": str(rate) for scope, rate in self.rates()}
+
+    def rates(self) -> list[tuple[str, Rate]]:
+        return [("device", self.device), ("user", self.user), ("tenant", self.tenant)]
+
+    def __str__(self) -> str:
+        return ", ".join(f"{scope} {rate}" for scope, rate in self.rates())
+
+
+def per_s(rate: Rate) -> float:
+    """A rate's sustained requests per second."""
+    return float(rate.count / rate.period_s)
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    device_id: str
+    token: str
+    client_id: int  # the pycrdt client id of its updates (one per device)
+    offset_s: float  # when its first request is due, after the common start
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSpec:
+    """One load-generator process: its devices and how they send."""
+
+    role: str  # QUIET, NOISY or HAMMER (its tenant too)
+    url: str
+    duration_s: float
+    devices: tuple[Device, ...]
+    rate_per_device: float  # requests/s on a fixed schedule; 0: closed loop (HAMMER)
+    pull_every: int  # every n-th request of a device is a pull; 0: pushes only
+    pushes_per_device: int  # pre-generated push bodies per device
+    connections: int = 1  # requests in flight per device (HAMMER: many)
+    edits: int = EDITS  # edits per record after its creation (0: every item creates a record)
+
+    def max_requests(self) -> int:
+        """A hard bound on one device's (one connection's) requests."""
+        if self.rate_per_device > 0:
+            return math.ceil(self.rate_per_device * self.duration_s * 1.5) + 10
+        return 100_000
+
+
+@dataclass(slots=True)
+class LoadResult:
+    """What one load process saw."""
+
+    role: str
+    elapsed_s: float = 0.0
+    cpu_s: float = 0.0
+    gen_s: float = 0.0
+    push_ms: list[float] = field(default_factory=list)  # answered 200
+    pull_ms: list[float] = field(default_factory=list)  # answered 200
+    refused_ms: list[float] = field(default_factory=list)  # answered 429
+    # (seconds after the start, ms, "push" | "pull" | "429") of every answered request
+    timeline: list[tuple[float, float, str]] = field(default_factory=list)
+    t0: float = 0.0  # the common start (perf_counter); 0 before it
+    http: dict[str, int] = field(default_factory=dict)  # HTTP status -> count
+    items: dict[str, int] = field(default_factory=dict)  # item status -> count (200 pushes)
+    scopes: dict[str, int] = field(default_factory=dict)  # 429 details.scope -> count
+    bad_429: int = 0
+    bad_429_examples: list[str] = field(default_factory=list)
+    pulled: int = 0
+    late: int = 0  # requests sent over one interval behind schedule (the slot was skipped)
+    exhausted: int = 0  # devices that ran out of pre-generated bodies
+    errors: int = 0
+    first_error: str | None = None
+
+    def fail(self, message: str) -> None:
+        self.errors += 1
+        self.first_error = self.first_error or message
+
+    def mark(self, started: float, elapsed_ms: float, kind: str) -> None:
+        """Note when an answered request was sent (after the start; not for the hammer)."""
+        if self.t0 and self.role != HAMMER:
+            self.timeline.append((round(started - self.t0, 4), round(elapsed_ms, 2), kind))
+
+    def count(self, table: dict[str, int], key: str) -> None:
+        table[key] = table.get(key, 0) + 1
+
+    def count_items(self, raw: bytes) -> None:
+        for item in msgpack.unpackb(raw)["results"]:
+            self.count(self.items, item["status"])
+
+    def check_refusal(self, raw: bytes, retry_after: str | None, content_type: str) -> None:
+        scope, problem = refusal_problem(raw, retry_after, content_type)
+        self.count(self.scopes, scope)
+        if problem is not None:
+            self.bad_429 += 1
+            if len(self.bad_429_examples) < MAX_429_EXAMPLES:
+                self.bad_429_examples.append(problem)
+
+
+def refusal_problem(
+    raw: bytes, retry_after: str | None, content_type: str
+) -> tuple[str, str | None]:
+    """(scope, what is wrong with this 429, or None)."""
+    if retry_after is None or POSITIVE_INT.fullmatch(retry_after) is None:
+        return "?", f"Retry-After {retry_after!r} is not a positive integer"
+    if content_type != "application/json":
+        return "?", f"Content-Type {content_type!r}"
+    try:
+        error = json.loads(raw)["error"]
+        code, message, details = error["code"], error["message"], error["details"]
+        scope, seconds = details["scope"], details["retry_after"]
+    except (ValueError, KeyError, TypeError):
+        return "?", f"not the JSON error shape: {raw[:200]!r}"
+    if code != "rate_limited" or not isinstance(message, str):
+        return str(scope), f"code {code!r}, message {message!r}"
+    if not isinstance(scope, str) or not scope:
+        return "?", f"details.scope {scope!r} is not a name"
+    if seconds != int(retry_after):
+        return scope, f"details.retry_after {seconds!r} != Retry-After {retry_after}"
+    return scope, None
+
+
+# ---------------------------------------------------------------------------------------
+# load processes
+# ---------------------------------------------------------------------------------------
+
+Bodies = list[tuple[bytes, int]]  # push bodies and their item counts
+
+
+def device_bodies(spec: LoadSpec, device: Device) -> Bodies:
+    """The device's push bodies: creates of OPEN_TASKS records, then `edits` rounds of edits."""
+    n_items = spec.pushes_per_device * BATCH
+    cid = device.client_id
+    updates = device_updates(cid, cid, n_items, OPEN_TASKS, spec.edits)
+    return push_bodies(updates, BATCH, use_json=False)
+
+
+def worker_main(spec: LoadSpec, barrier: Any, results: Any) -> None:
+    """One load process: generate bodies (untimed), get ready, wait for the start, send."""
+    result = LoadResult(spec.role)
+    try:
+        started = time.perf_counter()
+        plans = [device_bodies(spec, d) for d in spec.devices]
+        result.gen_s = time.perf_counter() - started
+        asyncio.run(drive(spec, plans, barrier, result))
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails the run
+        result.fail(f"worker crashed: {type(exc).__name__}: {exc}")
+        try:
+            barrier.abort()
+        except Exception:  # noqa: BLE001
+            pass
+    results.put(asdict(result))
+
+
+async def drive(spec: LoadSpec, plans: list[Bodies], barrier: Any, result: LoadResult) -> None:
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+    sessions = [
+        aiohttp.ClientSession(
+            timeout=timeout, connector=aiohttp.TCPConnector(limit=spec.connections)
+        )
+        for _ in spec.devices
+    ]
+    try:
+        cursor = await catch_up(sessions[0], spec) if spec.pull_every else None
+        barrier.wait(timeout=600)  # blocks the loop: nothing else runs before the start
+        cpu0, t0 = own_cpu_seconds(), time.perf_counter()
+        result.t0 = t0
+        await asyncio.gather(*device_tasks(spec, sessions, plans, cursor, t0, result))
+        result.elapsed_s = time.perf_counter() - t0
+        result.cpu_s = own_cpu_seconds() - cpu0
+    finally:
+        for s in sessions:
+            await s.close()
+
+
+def device_tasks(
+    spec: LoadSpec,
+    sessions: list[aiohttp.ClientSession],
+    plans: list[Bodies],
+    cursor: str | None,
+    t0: float,
+    result: LoadResult,
+) -> list[Any]:
+    if spec.rate_per_device > 0:
+        return [
+            paced_device(s, spec, d, bodies, cursor, t0, result)
+            for s, d, bodies in zip(sessions, spec.devices, plans)
+        ]
+    return [
+        hammer_connection(sessions[0], spec, spec.devices[0], plans[0], n, t0, result)
+        for n in range(spec.connections)
+    ]
+
+
+async def catch_up(session: aiohttp.ClientSession, spec: LoadSpec) -> str:
+    """Pull (untimed, big pages, honouring Retry-After) to the head of the tenant's log: the
+    cursor every device starts from."""
+    cursor = ""
+    device = spec.devices[0]
+    for _ in range(CATCHUP_PAGES):
+        status, retry_after, raw = await get_page(session, spec.url, device, cursor, 5000)
+        if status == 429 and retry_after is not None and retry_after.isdigit():
+            await asyncio.sleep(min(int(retry_after), 5))
+            continue
+        if status != 200:
+            raise RuntimeError(f"catch-up pull answered HTTP {status}: {raw[:300]!r}")
+        page = msgpack.unpackb(raw)
+        cursor = str(page["cursor"])
+        if not page["has_more"]:
+            return cursor
+    raise RuntimeError(f"catch-up did not reach the head in {CATCHUP_PAGES} requests")
+
+
+async def paced_device(
+    session: aiohttp.ClientSession,
+    spec: LoadSpec,
+    device: Device,
+    bodies: Bodies,
+    cursor: str | None,
+    t0: float,
+    result: LoadResult,
+) -> None:
+    """Send on a fixed schedule; a slot missed by more than an interval is skipped, not caught
+    up in a burst. A push refused with 429 is resent at the next slot. A quiet device that runs
+    out of bodies stops (a failure); a noisy one starts over (re-sends are still load)."""
+    interval = 1.0 / spec.rate_per_device
+    deadline, due, next_body = t0 + spec.duration_s, t0 + device.offset_s, 0
+    wrapped = False
+    for n in range(spec.max_requests()):
+        now = time.perf_counter()
+        if due >= deadline:
+            return  # the next slot is past the end: do not idle past it
+        if due > now:
+            await asyncio.sleep(due - now)
+        elif now - due > interval:
+            result.late += 1
+            due = now
+        due += interval
+        if time.perf_counter() >= deadline:
+            return
+        if spec.pull_every and n % spec.pull_every == spec.pull_every - 1:
+            page = await pull_page(session, spec.url, device, cursor, result)
+            cursor = page["cursor"] if page is not None else cursor
+            continue
+        if next_body >= len(bodies) and not wrapped:
+            result.exhausted += 1
+            if spec.role == QUIET:
+                return
+            wrapped = True
+        if await push(session, spec.url, device, bodies[next_body % len(bodies)], result):
+            next_body += 1
+
+
+async def hammer_connection(
+    session: aiohttp.ClientSession,
+    spec: LoadSpec,
+    device: Device,
+    bodies: Bodies,
+    number: int,
+    t0: float,
+    result: LoadResult,
+) -> None:
+    """One of the hammer's connections: push back to back (closed loop) till the deadline."""
+    deadline = t0 + spec.duration_s
+    for n in range(spec.max_requests()):
+        if time.perf_counter() >= deadline:
+            return
+        await push(session, spec.url, device, bodies[(number + n) % len(bodies)], result)
+
+
+async def push(
+    session: aiohttp.ClientSession,
+    url: str,
+    device: Device,
+    body: tuple[bytes, int],
+    result: LoadResult,
+) -> bool:
+    """One push; True if it was answered 200."""
+    headers = content_headers(device.token, device.device_id, use_json=False)
+    started = time.perf_counter()
+    try:
+        async with session.post(
+            f"{url}/api/v1/sync/{DOMAIN}/sync", data=body[0], headers=headers
+        ) as resp:
+            raw = await resp.read()
+            status, content_type = resp.status, resp.content_type
+            retry_after = resp.headers.get("Retry-After")
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        result.fail(f"push failed: {exc!r}")
+        return False
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    result.count(result.http, str(status))
+    result.mark(started, elapsed_ms, "push" if status == 200 else str(status))
+    if status == 200:
+        result.push_ms.append(elapsed_ms)
+        result.count_items(raw)
+        return True
+    if status == 429:
+        result.refused_ms.append(elapsed_ms)
+        result.check_refusal(raw, retry_after, content_type)
+        return False
+    result.fail(f"push answered HTTP {status}: {raw[:300]!r}")
+    return False
+
+
+async def get_page(
+    session: aiohttp.ClientSession, url: str, device: Device, cursor: str | None, limit: int
+) -> tuple[int, str | None, bytes]:
+    """GET one page of changes from `cursor` ("": from the start): status, Retry-After, body."""
+    headers = content_headers(device.token, device.device_id, use_json=False)
+    params = {"limit": str(limit), **({"cursor": cursor} if cursor else {})}
+    async with session.get(
+        f"{url}/api/v1/sync/{DOMAIN}/changes", params=params, headers=headers
+    ) as resp:
+        return resp.status, resp.headers.get("Retry-After"), await resp.read()
+
+
+async def pull_page(
+    session: aiohttp.ClientSession,
+    url: str,
+    device: Device,
+    cursor: str | None,
+    result: LoadResult,
+) -> dict[str, Any] | None:
+    """One timed delta pull from `cursor`; the decoded page, None on failure."""
+    started = time.perf_counter()
+    try:
+        status, _, raw = await get_page(session, url, device, cursor, PULL_LIMIT)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        result.fail(f"pull failed: {exc!r}")
+        return None
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    result.count(result.http, str(status))
+    if status != 200:
+        result.fail(f"pull answered HTTP {status}: {raw[:300]!r}")
+        return None
+    page: dict[str, Any] = msgpack.unpackb(raw)
+    result.mark(started, elapsed_ms, "pull")
+    result.pull_ms.append(elapsed_ms)
+    result.pulled += len(page["changes"])
+    return page
+
+
+# ---------------------------------------------------------------------------------------
+# phases
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class PhaseRun:
+    name: str
+    results: list[LoadResult]
+    cpu: CpuWindow
+    rss_mb: float
+
+    def of(self, role: str) -> list[LoadResult]:
+        return [r for r in self.results if r.role == role]
+
+
+def run_phase(
+    server: Server, name: str, specs: Sequence[LoadSpec], profiler: Profiler | None = None
+) -> PhaseRun:
+    """Start the load processes, release them together, wait for their results."""
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(len(specs) + 1), ctx.Queue()
+    procs = [
+        ctx.Process(target=worker_main, args=(spec, barrier, queue), daemon=True) for spec in specs
+    ]
+    for p in procs:
+        p.start()
+    duration = max(s.duration_s for s in specs)
+    try:
+        wait_ready(barrier, queue)
+        if profiler is not None:
+            profiler.start()
+        window = CpuWindow(server.pid).start()
+        raw = [queue.get(timeout=duration + REQUEST_TIMEOUT_S + 60) for _ in procs]
+        window.stop()
+    finally:
+        if profiler is not None:
+            profiler.stop()
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+    return PhaseRun(name, [LoadResult(**r) for r in raw], window, server.rss_mb())
+
+
+def wait_ready(barrier: Any, queue: Any) -> None:
+    """Wait until every load process has generated its bodies (they all start together)."""
+    try:
+        barrier.wait(timeout=600)
+    except threading.BrokenBarrierError:
+        errors = [queue.get(timeout=5).get("first_error") for _ in range(queue.qsize())]
+        raise RuntimeError(f"a load process failed before the start: {errors}") from None
+
+
+def quiet_spec(args: argparse.Namespace, url: str, duration: float, phase: int) -> LoadSpec:
+    """Two devices per user; their first requests staggered over one interval."""
+    interval = 1.0 / args.quiet_rate
+    devices = tuple(
+        Device(
+            device_id=f"quiet-p{phase}-dev-{i}",
+            token=mint(QUIET, user=f"quiet-user-{i // 2}"),
+            client_id=2_000_000 + phase * 10_000 + i,
+            offset_s=interval * i / args.quiet_devices,
+        )
+        for i in range(args.quiet_devices)
+    )
+    push_share = 1 - 1 / args.pull_every if args.pull_every else 1.0
+    pushes = math.ceil(args.quiet_rate * duration * push_share * 1.2) + 5
+    return LoadSpec(QUIET, url, duration, devices, args.quiet_rate, args.pull_every, pushes)
+
+
+def noisy_specs(
+    args: argparse.Namespace, url: str, duration: float, phase: int, factor: float
+) -> list[LoadSpec]:
+    """`factor` x the tenant quota, over `noisy_devices` devices (two per user)."""
+    total, per_proc = args.noisy_devices, args.noisy_devices // args.noisy_procs
+    quota = per_s(args.limits.tenant)
+    rate = factor * quota / total
+    interval = 1.0 / rate
+    # a device is accepted only its share of the quota; resent pushes do not need new bodies
+    pushes = math.ceil((args.limits.tenant.count + quota * duration) / total * 1.5) + 5
+    specs = []
+    for proc in range(args.noisy_procs):
+        devices = tuple(
+            Device(
+                device_id=f"noisy-p{phase}-dev-{i}",
+                token=mint(NOISY, user=f"noisy-user-{i // 2}"),
+                client_id=3_000_000 + phase * 10_000 + i,
+                offset_s=interval * i / total,
+            )
+            for i in range(proc * per_proc, (proc + 1) * per_proc)
+        )
+        specs.append(LoadSpec(NOISY, url, duration, devices, rate, 0, pushes))
+    return specs
+
+
+def hammer_spec(args: argparse.Namespace, url: str, phase: int) -> LoadSpec:
+    """One device, many connections, closed loop: nearly every push is refused."""
+    token = mint(HAMMER, user=f"hammer-{phase}")
+    device = Device(f"hammer-dev-{phase}", token, 4_000_000 + phase, 0.0)
+    return LoadSpec(HAMMER, url, args.cost_duration, (device,), 0, 0, 40, args.cost_conns, 0)
+
+
+# ---------------------------------------------------------------------------------------
+# the server's garbage collector (a gc.callbacks hook, loaded by sitecustomize)
+# ---------------------------------------------------------------------------------------
+
+GC_LOG_ENV = "FIELDSYNC_BENCH_GC_LOG"
+GC_HOOK = '''"""Bench only (bench/noisy_neighbour.py): log the server's full and slow GCs."""
+import gc
+import os
+import time
+
+_path = os.environ.get("FIELDSYNC_BENCH_GC_LOG")
+if _path:
+    _log = open(_path, "a", buffering=1)
+    _started = [0.0]
+
+    def _trace(phase, info):
+        if phase == "start":
+            _started[0] = time.perf_counter()
+            return
+        ms = (time.perf_counter() - _started[0]) * 1000
+        if info["generation"] == 2 or ms >= 2:
+            _log.write(f"{_started[0]:.6f} {info['generation']} {ms:.3f}\\n")
+
+    gc.callbacks.append(_trace)
+'''
+
+
+@dataclass(frozen=True, slots=True)
+class GcPause:
+    start: float  # perf_counter: CLOCK_MONOTONIC, the same clock in every process
+    generation: int
+    ms: float
+
+    def overlap_ms(self, start: float, ms: float) -> float:
+        """How long this pause overlapped [start, start + ms)."""
+        end, own_end = start + ms / 1000, self.start + self.ms / 1000
+        return max(0.0, min(end, own_end) - max(start, self.start)) * 1000
+
+
+class GcTrace:
+    """Makes the server log every full (generation 2) and every >= 2 ms collection, with when
+    it started, through a sitecustomize module on its PYTHONPATH. Server code is untouched."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.log = folder / "gc.log"
+        (folder / "sitecustomize.py").write_text(GC_HOOK)
+
+    def env(self) -> dict[str, str]:
+        path = os.pathsep.join(filter(None, [str(self.folder), os.environ.get("PYTHONPATH")]))
+        return {"PYTHONPATH": path, GC_LOG_ENV: str(self.log)}
+
+    def pauses(self, start: float, end: float) -> list[GcPause]:
+        """The logged collections that started in [start, end]."""
+        if not self.log.exists():
+            return []
+        out = []
+        for line in self.log.read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 3:
+                pause = GcPause(float(parts[0]), int(parts[1]), float(parts[2]))
+                if start <= pause.start <= end:
+                    out.append(pause)
+        return out
+
+
+@dataclass(slots=True)
+class GcStats:
+    full: int  # generation-2 collections
+    full_max_ms: float
+    full_total_ms: float
+    slow_young: int  # generation 0/1 collections of >= 2 ms
+    slow_young_max_ms: float
+
+
+def gc_stats(pauses: Sequence[GcPause]) -> GcStats:
+    full = [p for p in pauses if p.generation == 2]
+    young = [p.ms for p in pauses if p.generation < 2]
+    return GcStats(
+        full=len(full),
+        full_max_ms=max((p.ms for p in full), default=0.0),
+        full_total_ms=sum(p.ms for p in full),
+        slow_young=len(young),
+        slow_young_max_ms=max(young, default=0.0),
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# summaries
+# ---------------------------------------------------------------------------------------
+
+SETTLE_S = 1.0  # "p99 after 1 s": requests sent at least this long after the phase started
+SLOWEST = 5
+
+
+def merged_counts(results: Sequence[LoadResult], name: str) -> dict[str, int]:
+    out: Counter[str] = Counter()
+    for r in results:
+        out.update(getattr(r, name))
+    return dict(out)
+
+
+@dataclass(slots=True)
+class SlowRequests:
+    """Quiet requests slower than `over_ms` (GOAL_RATIO x the baseline p99), by likely cause:
+    sent in the phase's first second (a flood's burst), overlapping a server full GC,
+    overlapping young GCs of >= 2 ms, or none of these."""
+
+    over_ms: float
+    count: int
+    first_second: int
+    full_gc: int
+    young_gc: int
+    other: int
+
+
+def slow_requests(
+    results: Sequence[LoadResult], pauses: Sequence[GcPause], over_ms: float
+) -> SlowRequests:
+    causes: Counter[str] = Counter()
+    for r in results:
+        for t, ms, _ in r.timeline:
+            if ms > over_ms:
+                causes[slow_cause(r.t0 + t, t, ms, pauses)] += 1
+    return SlowRequests(
+        over_ms=over_ms,
+        count=sum(causes.values()),
+        first_second=causes["first_second"],
+        full_gc=causes["full_gc"],
+        young_gc=causes["young_gc"],
+        other=causes["other"],
+    )
+
+
+def slow_cause(start: float, t: float, ms: float, pauses: Sequence[GcPause]) -> str:
+    if t < SETTLE_S:
+        return "first_second"
+    if any(p.generation == 2 and p.overlap_ms(start, ms) > 0 for p in pauses):
+        return "full_gc"
+    if any(p.generation < 2 and p.overlap_ms(start, ms) > 0 for p in pauses):
+        return "young_gc"
+    return "other"
+
+
+@dataclass(slots=True)
+class QuietStats:
+    requests: int
+    pushes: int
+    pulls: int
+    per_s: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    p99_after_1s_ms: float  # requests sent >= SETTLE_S after the start (the flood's burst over)
+    max_ms: float
+    push_p99_ms: float
+    pull_p99_ms: float
+    slowest: list[dict[str, Any]]  # t (s after start), ms, kind, gc_ms (server GC overlap)
+    slow: SlowRequests
+    http: dict[str, int]
+    items: dict[str, int]
+    refused: int
+    late: int
+    exhausted: int
+    errors: int
+    first_error: str | None
+
+
+def slowest_requests(
+    results: Sequence[LoadResult], pauses: Sequence[GcPause]
+) -> list[dict[str, Any]]:
+    """The slowest answered requests, with how much of each a server GC pause overlapped."""
+    entries = [(r.t0 + t, t, ms, kind) for r in results for t, ms, kind in r.timeline]
+    entries.sort(key=lambda e: -e[2])
+    return [
+        {
+            "t_s": round(t, 3),
+            "ms": ms,
+            "kind": kind,
+            "gc_ms": round(sum(p.overlap_ms(start, ms) for p in pauses), 1),
+        }
+        for start, t, ms, kind in entries[:SLOWEST]
+    ]
+
+
+def quiet_stats(
+    results: Sequence[LoadResult], pauses: Sequence[GcPause], slow_ms: float | None
+) -> QuietStats:
+    """`slow_ms`: the latency over which requests are counted as slow (None: GOAL_RATIO x this
+    phase's own p99)."""
+    push_ms = [x for r in results for x in r.push_ms]
+    pull_ms = [x for r in results for x in r.pull_ms]
+    settled = [ms for r in results for t, ms, kind in r.timeline if t >= SETTLE_S]
+    p50, p90, p99, top = percentiles(push_ms + pull_ms, (0.5, 0.9, 0.99, 1.0))
+    elapsed = max((r.elapsed_s for r in results), default=0.0)
+    http = merged_counts(results, "http")
+    return QuietStats(
+        requests=sum(http.values()),
+        pushes=len(push_ms),
+        pulls=len(pull_ms),
+        per_s=sum(http.values()) / elapsed if elapsed else 0.0,
+        p50_ms=p50,
+        p90_ms=p90,
+        p99_ms=p99,
+        p99_after_1s_ms=percentiles(settled, (0.99,))[0],
+        max_ms=top,
+        push_p99_ms=percentiles(push_ms, (0.99,))[0],
+        pull_p99_ms=percentiles(pull_ms, (0.99,))[0],
+        slowest=slowest_requests(results, pauses),
+        slow=slow_requests(results, pauses, slow_ms or GOAL_RATIO * p99),
+        http=http,
+        items=merged_counts(results, "items"),
+        refused=http.get("429", 0),
+        late=sum(r.late for r in results),
+        exhausted=sum(r.exhausted for r in results),
+        errors=sum(r.errors for r in results),
+        first_error=next((r.first_error for r in results if r.first_error), None),
+    )
+
+
+@dataclass(slots=True)
+class FloodStats:
+    factor: float  # offered load the noisy tenant aimed at, in multiples of its quota
+    quota_per_s: float
+    burst: int  # the tenant bucket's size: let through at once when the flood starts
+    sent: int
+    offered_per_s: float
+    accepted: int
+    accepted_per_s: float
+    accepted_first_s: int  # 200s for pushes sent in the first second
+    allowed_max: int  # quota x seconds + burst (the bucket starts full)
+    refused: int
+    refused_per_s: float
+    scopes: dict[str, int]
+    bad_429: int
+    bad_429_examples: list[str]
+    http: dict[str, int]
+    items: dict[str, int]
+    refused_p50_ms: float
+    refused_p99_ms: float
+    accepted_p99_ms: float
+    late: int
+    exhausted: int
+    errors: int
+    first_error: str | None
+    elapsed_s: float
+
+
+def flood_stats(results: Sequence[LoadResult], tenant: Rate, factor: float) -> FloodStats:
+    quota = per_s(tenant)
+    elapsed = max((r.elapsed_s for r in results), default=0.0)
+    http = merged_counts(results, "http")
+    sent, accepted, refused = sum(http.values()), http.get("200", 0), http.get("429", 0)
+    refused_ms = [x for r in results for x in r.refused_ms]
+    ok_ms = [x for r in results for x in r.push_ms]
+    first_s = sum(1 for r in results for t, _, kind in r.timeline if kind == "push" and t < 1)
+    return FloodStats(
+        factor=factor,
+        quota_per_s=quota,
+        burst=tenant.count,
+        sent=sent,
+        offered_per_s=sent / elapsed if elapsed else 0.0,
+        accepted=accepted,
+        accepted_per_s=accepted / elapsed if elapsed else 0.0,
+        accepted_first_s=first_s,
+        allowed_max=math.floor(quota * elapsed) + tenant.count,
+        refused=refused,
+        refused_per_s=refused / elapsed if elapsed else 0.0,
+        scopes=merged_counts(results, "scopes"),
+        bad_429=sum(r.bad_429 for r in results),
+        bad_429_examples=[e for r in results for e in r.bad_429_examples][:MAX_429_EXAMPLES],
+        http=http,
+        items=merged_counts(results, "items"),
+        refused_p50_ms=percentiles(refused_ms, (0.5,))[0],
+        refused_p99_ms=percentiles(refused_ms, (0.99,))[0],
+        accepted_p99_ms=percentiles(ok_ms, (0.99,))[0],
+        late=sum(r.late for r in results),
+        exhausted=sum(r.exhausted for r in results),
+        errors=sum(r.errors for r in results),
+        first_error=next((r.first_error for r in results if r.first_error), None),
+        elapsed_s=elapsed,
+    )
+
+
+@dataclass(slots=True)
+class PhaseReport:
+    name: str
+    quiet: QuietStats | None
+    noisy: FloodStats | None
+    gc: GcStats | None
+    wall_s: float
+    server_cpu_s: float
+    server_cpu_pct: float
+    server_wait_pct: float
+    client_cpu_pct: float
+    other_cpu_pct: float
+    rss_mb: float
+
+
+def phase_report(
+    run: PhaseRun, tenant: Rate, gc_trace: GcTrace | None, factor: float, slow_ms: float | None
+) -> PhaseReport:
+    window = run.cpu
+    pauses = gc_trace.pauses(window.t0, window.t0 + window.wall_s) if gc_trace else []
+    quiet, noisy = run.of(QUIET), run.of(NOISY)
+    client_cpu_s = sum(r.cpu_s for r in run.results)
+    wall = window.wall_s
+    return PhaseReport(
+        name=run.name,
+        quiet=quiet_stats(quiet, pauses, slow_ms) if quiet else None,
+        noisy=flood_stats(noisy, tenant, factor) if noisy else None,
+        gc=gc_stats(pauses) if gc_trace else None,
+        wall_s=wall,
+        server_cpu_s=window.server_s,
+        server_cpu_pct=window.server_pct,
+        server_wait_pct=window.server_wait_pct,
+        client_cpu_pct=client_cpu_s / wall * 100 if wall else 0.0,
+        other_cpu_pct=window.others_pct(client_cpu_s),
+        rss_mb=run.rss_mb,
+    )
+
+
+@dataclass(slots=True)
+class RefusalCost:
+    """Server CPU per refused push, from a phase where (nearly) every push is refused."""
+
+    wall_s: float
+    requests: int
+    refused: int
+    accepted: int
+    per_s: float
+    server_cpu_s: float
+    server_cpu_pct: float
+    client_cpu_pct: float
+    us_per_request: float  # all server CPU / all requests
+    us_per_accepted: float  # charged for each accepted push (the baseline's CPU per request)
+    us_per_429: float  # (server CPU - accepted x us_per_accepted) / refused
+    scopes: dict[str, int]
+    bad_429: int
+    refused_p50_ms: float
+
+
+def refusal_cost(run: PhaseRun, us_per_accepted: float) -> RefusalCost:
+    results = run.of(HAMMER)
+    http = merged_counts(results, "http")
+    requests, refused, accepted = sum(http.values()), http.get("429", 0), http.get("200", 0)
+    cpu_s, wall = run.cpu.server_s, run.cpu.wall_s
+    refused_cpu_s = max(0.0, cpu_s - accepted * us_per_accepted / 1e6)
+    client_cpu_s = sum(r.cpu_s for r in results)
+    return RefusalCost(
+        wall_s=wall,
+        requests=requests,
+        refused=refused,
+        accepted=accepted,
+        per_s=requests / wall if wall else 0.0,
+        server_cpu_s=cpu_s,
+        server_cpu_pct=run.cpu.server_pct,
+        client_cpu_pct=client_cpu_s / wall * 100 if wall else 0.0,
+        us_per_request=cpu_s / requests * 1e6 if requests else 0.0,
+        us_per_accepted=us_per_accepted,
+        us_per_429=refused_cpu_s / refused * 1e6 if refused else 0.0,
+        scopes=merged_counts(results, "scopes"),
+        bad_429=sum(r.bad_429 for r in results),
+        refused_p50_ms=percentiles([x for r in results for x in r.refused_ms], (0.5,))[0],
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# where a refusal's time goes (py-spy)
+# ---------------------------------------------------------------------------------------
+
+SQLITE_THREADS = "sqlite (aiosqlite threads)"
+# The innermost matching frame decides.
+REFUSAL_STEPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("prometheus counters (rate_limited, http_errors)", ("prometheus_client",)),
+    (
+        "auth: bearer_token + TokenVerifier (cache hit)",
+        ("authenticate", "TokenVerifier", "bearer_token", "(jwt/"),
+    ),
+    ("Device-Id check", ("device_id (server/auth",)),
+    ("rate limiter: Buckets / RateLimiter.check", ("(server/ratelimit",)),
+    (
+        "error answer: json.dumps + web.Response",
+        ("error_response", "error_body", "ApiError", "(json/"),
+    ),
+    ("Services.limit (raise ApiError)", ("Services.limit",)),
+    ("middleware json_errors", ("(server/http_errors",)),
+    ("push handler (other)", ("(server/sync_api", "(server/services")),
+    (
+        "push accepted: pipeline, storage, codec",
+        ("(server/pipeline", "(storage/", "(crdt_models/", "(server/codec", "(server/"),
+    ),
+    (
+        "aiohttp: parse request, discard body, write answer",
+        ("(aiohttp/", "(multidict", "(yarl", "(propcache"),
+    ),
+    ("asyncio loop + socket syscalls", ("(asyncio/", "(selectors", "(socket")),
+)
+
+
+def step_of(frames: list[str], thread: str) -> str:
+    return classify(frames, (REFUSAL_STEPS,)) if "MainThread" in thread else SQLITE_THREADS
+
+
+# ---------------------------------------------------------------------------------------
+# checks after the run
+# ---------------------------------------------------------------------------------------
+
+
+def rate_limited_metric(server: Server) -> dict[str, float]:
+    """The server's fieldsync_rate_limited_total by scope."""
+    with urllib.request.urlopen(server.url + "/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    found = re.findall(r'^fieldsync_rate_limited_total\{scope="(\w+)"\} ([0-9.e+]+)$', text, re.M)
+    return {scope: float(value) for scope, value in found}
+
+
+@dataclass(slots=True)
+class Checks:
+    problems: list[str] = field(default_factory=list)  # the run failed
+    warnings: list[str] = field(default_factory=list)  # worth a look, not a failure
+
+    def expect(self, ok: bool, problem: str) -> None:
+        if not ok:
+            self.problems.append(problem)
+
+    def note(self, ok: bool, warning: str) -> None:
+        if not ok:
+            self.warnings.append(warning)
+
+
+def check_quiet(name: str, q: QuietStats, checks: Checks) -> None:
+    checks.expect(q.refused == 0, f"{name}: the quiet tenant got {q.refused} 429s")
+    checks.expect(q.errors == 0, f"{name}: quiet errors ({q.errors}): {q.first_error}")
+    checks.expect(q.exhausted == 0, f"{name}: {q.exhausted} quiet devices ran out of bodies")
+    bad = {k: v for k, v in q.items.items() if k not in ("created", "merged")}
+    checks.expect(not bad, f"{name}: quiet items not created/merged: {bad}")
+    checks.note(q.late == 0, f"{name}: {q.late} quiet requests were over a slot late")
+
+
+def check_flood(name: str, n: FloodStats, checks: Checks) -> None:
+    checks.expect(n.errors == 0, f"{name}: noisy errors ({n.errors}): {n.first_error}")
+    checks.expect(n.bad_429 == 0, f"{name}: {n.bad_429} malformed 429s: {n.bad_429_examples}")
+    checks.expect(
+        n.accepted <= n.allowed_max * 1.01 + 2,
+        f"{name}: the noisy tenant got {n.accepted} pushes through; its bucket allows"
+        f" {n.allowed_max} in {n.elapsed_s:.1f} s",
+    )
+    other = {k: v for k, v in n.scopes.items() if k != "tenant"}
+    checks.note(not other, f"{name}: noisy 429s not from the tenant bucket: {other}")
+    target = n.factor * n.quota_per_s
+    checks.note(
+        n.offered_per_s >= 0.9 * target,
+        f"{name}: the noisy tenant offered {n.offered_per_s:.0f}/s, not {target:.0f}/s",
+    )
+
+
+def check_phase(p: PhaseReport, checks: Checks) -> None:
+    if p.quiet is not None:
+        check_quiet(p.name, p.quiet, checks)
+    if p.noisy is not None:
+        check_flood(p.name, p.noisy, checks)
+    checks.note(
+        p.other_cpu_pct < 10,
+        f"{p.name}: other processes used {p.other_cpu_pct:.0f}% of a core (numbers disturbed)",
+    )
+
+
+def check_metrics(seen: dict[str, int], metric: dict[str, float], checks: Checks) -> None:
+    for scope in sorted(set(seen) | set(metric)):
+        checks.expect(
+            int(metric.get(scope, 0)) == seen.get(scope, 0),
+            f"fieldsync_rate_limited_total{{scope={scope}}} is {metric.get(scope, 0):.0f};"
+            f" the clients saw {seen.get(scope, 0)} such 429s",
+        )
+
+
+def check_log_rows(db: Path, acked: dict[str, int], checks: Checks) -> dict[str, int]:
+    """Every acked item is in the log, and refused pushes left nothing (rows ~ acked items)."""
+    logged = logged_rows_by_tenant(db)
+    for tenant, n in acked.items():
+        rows = logged.get(tenant, 0)
+        checks.expect(rows >= n, f"tenant {tenant}: {n} items acked but {rows} log rows")
+        checks.note(
+            rows <= n * 1.2 + 10,
+            f"tenant {tenant}: {rows} log rows for {n} acked items (refused pushes stored?)",
+        )
+    return logged
+
+
+# ---------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------
+
+PHASE_COLUMNS = (
+    Column("phase", 8, left=True),
+    Column("quiet req", 9),
+    Column("p50 ms", 7, ".1f"),
+    Column("p99 ms", 7, ".1f"),
+    Column("p99 1s+", 7, ".1f"),
+    Column("max ms", 7, ".1f"),
+    Column("q 429", 5),
+    Column("offered/s", 9),
+    Column("accepted/s", 10),
+    Column("quota/s", 7),
+    Column("429s", 6),
+    Column("full GCs", 12),
+    Column("srv CPU%", 8, ".0f", "%"),
+    Column("srv wait%", 9, ".0f", "%"),
+    Column("cli CPU%", 8, ".0f", "%"),
+    Column("oth CPU%", 8, ".0f", "%"),
+    Column("RSS MB", 6, ".0f"),
+)
+
+
+def phase_row(p: PhaseReport) -> tuple[Any, ...]:
+    q, n = p.quiet, p.noisy
+    quiet = (
+        (q.requests, q.p50_ms, q.p99_ms, q.p99_after_1s_ms, q.max_ms, q.refused)
+        if q
+        else ("-",) * 6
+    )
+    noisy = (
+        (
+            f"{n.offered_per_s:.0f}",
+            f"{n.accepted_per_s:.1f}",
+            f"{n.quota_per_s:g}",
+            str(n.refused),
+        )
+        if n
+        else ("-",) * 4
+    )
+    gc = f"{p.gc.full} max {p.gc.full_max_ms:.0f}ms" if p.gc else "-"
+    cpu = (p.server_cpu_pct, p.server_wait_pct, p.client_cpu_pct, p.other_cpu_pct, p.rss_mb)
+    return (p.name, *quiet, *noisy, gc, *cpu)
+
+
+def verdict(phases: Sequence[PhaseReport]) -> dict[str, Any]:
+    """The goal (flood p99 / baseline p99 < GOAL_RATIO) and each phase's ratios."""
+    base = phases[0].quiet
+    assert base is not None and phases[0].name == "baseline"
+    ratios = {p.name: quiet_ratios(base, p.quiet) for p in phases[1:] if p.quiet is not None}
+    flood = ratios["flood"]
+    return {
+        "goal": f"quiet p99 under the flood < {GOAL_RATIO:g}x its baseline p99",
+        "baseline_p50_ms": base.p50_ms,
+        "baseline_p99_ms": base.p99_ms,
+        "flood_p50_ms": flood["p50_ms"],
+        "flood_p99_ms": flood["p99_ms"],
+        "p99_ratio": flood["p99_ratio"],
+        "met": flood["p99_ratio"] < GOAL_RATIO,
+        "ratios_by_phase": ratios,
+    }
+
+
+def quiet_ratios(base: QuietStats, q: QuietStats) -> dict[str, float]:
+    def ratio(a: float, b: float) -> float:
+        return round(a / b, 2) if b else math.inf
+
+    return {
+        "p50_ms": q.p50_ms,
+        "p99_ms": q.p99_ms,
+        "p50_ratio": ratio(q.p50_ms, base.p50_ms),
+        "p99_ratio": ratio(q.p99_ms, base.p99_ms),
+        "p99_after_1s_ratio": ratio(q.p99_after_1s_ms, base.p99_after_1s_ms),
+    }
+
+
+def print_summary(phases: Sequence[PhaseReport], goal: dict[str, Any]) -> None:
+    print(
+        f"\nquiet latency against the baseline (p50 {goal['baseline_p50_ms']:.1f} ms, p99"
+        f" {goal['baseline_p99_ms']:.1f} ms):"
+    )
+    for name, r in goal["ratios_by_phase"].items():
+        print(
+            f"  {name:<8} p50 {r['p50_ms']:.1f} ms = {r['p50_ratio']:.2f}x, p99"
+            f" {r['p99_ms']:.1f} ms = {r['p99_ratio']:.2f}x (p99 of requests sent after the"
+            f" first second: {r['p99_after_1s_ratio']:.2f}x)"
+        )
+    print(f"GOAL {goal['goal']}: {'met' if goal['met'] else 'NOT met'} ({goal['p99_ratio']:.2f}x)")
+    for p in phases:
+        if p.noisy is not None:
+            print_noisy(p.name, p.noisy)
+    print("\nslow quiet requests (over 2x the baseline p99) and what they overlapped:")
+    for p in phases:
+        if p.quiet is not None:
+            sl = p.quiet.slow
+            print(
+                f"  {p.name:<8} {sl.count} over {sl.over_ms:.0f} ms: {sl.first_second} in the"
+                f" first second, {sl.full_gc} during a full GC, {sl.young_gc} during young"
+                f" GCs >= 2 ms, {sl.other} other"
+            )
+            print("           slowest: " + slowest_text(p.quiet.slowest))
+
+
+def print_noisy(name: str, n: FloodStats) -> None:
+    print(
+        f"noisy, {name}: offered {n.offered_per_s:.0f} req/s"
+        f" ({n.offered_per_s / n.quota_per_s:.1f}x its quota of {n.quota_per_s:g}/s), accepted"
+        f" {n.accepted} = {n.accepted_per_s:.1f}/s (at most {n.allowed_max} allowed in"
+        f" {n.elapsed_s:.1f} s; {n.accepted_first_s} in the first second: the bucket's burst"
+        f" of {n.burst} + refill)"
+    )
+    print(
+        f"  refused {n.refused} (scopes {n.scopes}), malformed 429s (Retry-After, JSON error"
+        f" shape): {n.bad_429}; latency: 429 p50 {n.refused_p50_ms:.1f} ms, p99"
+        f" {n.refused_p99_ms:.1f} ms; accepted push p99 {n.accepted_p99_ms:.1f} ms"
+    )
+
+
+def slowest_text(slowest: Sequence[dict[str, Any]]) -> str:
+    return ", ".join(
+        f"{s['ms']:.0f} ms {s['kind']} at {s['t_s']:.2f} s"
+        + (f" (GC {s['gc_ms']:.0f} ms)" if s["gc_ms"] else "")
+        for s in slowest
+    )
+
+
+def print_gc(phases: Sequence[PhaseReport]) -> None:
+    if not any(p.gc for p in phases):
+        return
+    print("\nserver garbage collection (a gc.callbacks hook via sitecustomize):")
+    for p in phases:
+        if p.gc is not None:
+            g = p.gc
+            print(
+                f"  {p.name:<8} {g.full} full collections (max {g.full_max_ms:.0f} ms, total"
+                f" {g.full_total_ms:.0f} ms);"
+                f" {g.slow_young} young ones >= 2 ms (max {g.slow_young_max_ms:.0f} ms)"
+            )
+
+
+def print_cost(cost: RefusalCost, flood: FloodStats | None) -> None:
+    print(
+        f"\n429 cost: {cost.requests} pushes ({cost.per_s:.0f}/s) from one device over"
+        f" {cost.wall_s:.1f} s: {cost.refused} refused (scopes {cost.scopes}), {cost.accepted}"
+        f" accepted; server CPU {cost.server_cpu_pct:.0f}% of a core, load generator"
+        f" {cost.client_cpu_pct:.0f}%"
+    )
+    print(
+        f"  server CPU per 429: {cost.us_per_429:.0f} µs (all CPU / all requests:"
+        f" {cost.us_per_request:.0f} µs); an accepted quiet request costs ≈"
+        f" {cost.us_per_accepted:.0f} µs (baseline CPU / requests); 429 answered in"
+        f" {cost.refused_p50_ms:.2f} ms p50"
+    )
+    if flood is not None:
+        refusals = flood.refused_per_s * cost.us_per_429 / 1e4
+        accepted = flood.accepted_per_s * cost.us_per_accepted / 1e4
+        print(
+            f"  during the flood: {flood.refused_per_s:.0f} refusals/s ≈ {refusals:.0f}% of a"
+            f" core; {flood.accepted_per_s:.0f} accepted pushes/s ≈ {accepted:.0f}%"
+        )
+
+
+def print_profile(summary: dict[str, Any], us_per_429: float, top: int = 12) -> None:
+    print(
+        f"\nwhere a refusal's server time goes (py-spy, {summary['samples']} samples,"
+        f" {summary['busy_cores']} busy cores; µs = share x {us_per_429:.0f} µs per 429):"
+    )
+    for step, share in summary["steps"]:
+        print(f"  {share:>5.1f}%  {share * us_per_429 / 100:>5.0f} µs  {step}")
+    print("  top functions by own time:")
+    for name, share in summary["own"][:top]:
+        print(f"  {share:>5.1f}%  {name}")
+
+
+# ---------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="a < 30 s smoke run")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds per measured phase")
+    p.add_argument("--warmup", type=float, default=3.0, help="seconds of unreported quiet load")
+    p.add_argument("--tenant-limit", default="50/second", help="FIELDSYNC_RATE_TENANT")
+    p.add_argument("--user-limit", default="20/second", help="FIELDSYNC_RATE_USER")
+    p.add_argument("--device-limit", default="10/second", help="FIELDSYNC_RATE_DEVICE")
+    p.add_argument("--quiet-devices", type=int, default=6, help="quiet devices (2 per user)")
+    p.add_argument("--quiet-rate", type=float, default=3.5, help="requests/s per quiet device")
+    p.add_argument("--pull-every", type=int, default=5, help="every n-th quiet request pulls")
+    p.add_argument("--flood-factor", type=float, default=10.0, help="noisy offered / quota")
+    p.add_argument("--noisy-procs", type=int, default=3, help="noisy load processes")
+    p.add_argument("--noisy-devices", type=int, default=66, help="noisy devices (2 per user)")
+    p.add_argument("--cost-duration", type=float, default=6.0, help="seconds of the 429 phase")
+    p.add_argument("--cost-conns", type=int, default=16, help="connections of the hammer")
+    p.add_argument("--no-profile", action="store_true", help="skip the py-spy phase")
+    p.add_argument(
+        "--no-control",
+        action="store_true",
+        help="skip the at-quota phase (the noisy tenant at 1x its quota: what it may do)",
+    )
+    p.add_argument("--no-gc-trace", action="store_true", help="do not log the server's GCs")
+    p.add_argument(
+        "--idle-wait",
+        type=float,
+        default=120.0,
+        help="seconds to wait at most for other processes to leave the machine idle first",
+    )
+    p.add_argument("--out", type=Path, default=None, help="JSON results path")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.duration, args.warmup, args.cost_duration, args.idle_wait = 4.0, 1.0, 2.0, 0.0
+    args.out = args.out or RESULTS_DIR / (
+        "noisy_neighbour_quick.json" if args.quick else "noisy_neighbour.json"
+    )
+    args.noisy_devices -= args.noisy_devices % (2 * args.noisy_procs)
+    try:
+        args.limits = Limits.parse(args.device_limit, args.user_limit, args.tenant_limit)
+    except ValueError as exc:
+        p.error(str(exc))
+    problem = load_fits(args)
+    if problem:
+        p.error(problem)
+    return args
+
+
+def load_fits(args: argparse.Namespace) -> str | None:
+    """None if the quiet load is well inside the limits and the noisy devices and users are
+    each under theirs (so the tenant bucket is what refuses the flood); else why not."""
+    limits: Limits = args.limits
+    device, user, tenant = per_s(limits.device), per_s(limits.user), per_s(limits.tenant)
+    quiet_tenant = args.quiet_devices * args.quiet_rate
+    if quiet_tenant > 0.5 * tenant or 2 * args.quiet_rate > 0.5 * user:
+        return f"the quiet load ({quiet_tenant:g}/s) must stay under half of every limit"
+    if args.quiet_rate > 0.5 * device:
+        return "a quiet device must stay under half of the device limit"
+    if args.noisy_devices < 2 * args.noisy_procs:
+        return "at least two noisy devices per process"
+    per_device = args.flood_factor * tenant / args.noisy_devices
+    if per_device > 0.9 * device or 2 * per_device > 0.9 * user:
+        return (
+            f"a noisy device would send {per_device:.1f}/s: add --noisy-devices so each device"
+            " and user stays under its own limit (the tenant bucket must refuse the flood)"
+        )
+    return None
+
+
+@dataclass(slots=True)
+class Run:
+    phases: list[PhaseReport] = field(default_factory=list)
+    cost: RefusalCost | None = None
+    profile: dict[str, Any] | None = None
+    profile_scopes: dict[str, int] = field(default_factory=dict)  # 429s of the py-spy phase
+    warmup_acked: int = 0  # quiet items acked in the warm-up (they are in the log too)
+    metric: dict[str, float] = field(default_factory=dict)
+    logged: dict[str, int] = field(default_factory=dict)
+    checks: Checks = field(default_factory=Checks)
+
+
+def measure(server: Server, args: argparse.Namespace, run: Run, gc_trace: GcTrace | None) -> None:
+    url, d, tenant = server.url, args.duration, args.limits.tenant
+    print(f"server pid {server.pid} on {url}; limits: {args.limits}", flush=True)
+    warm = run_phase(server, "warm-up", [quiet_spec(args, url, args.warmup, 0)])
+    items = merged_counts(warm.results, "items")
+    run.warmup_acked = items.get("created", 0) + items.get("merged", 0)
+    for name, factor, number in phase_plan(args):
+        specs = [quiet_spec(args, url, d, number)]
+        if factor:
+            specs += noisy_specs(args, url, d, number, factor)
+        base = run.phases[0].quiet if run.phases else None
+        slow_ms = GOAL_RATIO * base.p99_ms if base else None
+        report = phase_report(run_phase(server, name, specs), tenant, gc_trace, factor, slow_ms)
+        run.phases.append(report)
+        print(f"  {name}: " + phase_line(report), flush=True)
+    measure_cost(server, args, run)
+    run.metric = rate_limited_metric(server)
+
+
+def phase_plan(args: argparse.Namespace) -> list[tuple[str, float, int]]:
+    """(name, noisy offered load in multiples of its quota (0: none), number) of each phase."""
+    plan = [("baseline", 0.0, 1)]
+    if not args.quick and not args.no_control:
+        plan.append(("at-quota", 1.0, 2))
+    plan.append(("flood", args.flood_factor, 3))
+    if not args.quick:
+        plan.append(("after", 0.0, 4))
+    return plan
+
+
+def phase_line(p: PhaseReport) -> str:
+    q, n = p.quiet, p.noisy
+    text = f"quiet p50 {q.p50_ms:.1f} ms p99 {q.p99_ms:.1f} ms ({q.requests} req)" if q else ""
+    if n is not None:
+        text += f"; noisy {n.offered_per_s:.0f}/s offered, {n.accepted_per_s:.1f}/s accepted"
+    return text + f"; server CPU {p.server_cpu_pct:.0f}%"
+
+
+def measure_cost(server: Server, args: argparse.Namespace, run: Run) -> None:
+    base = run.phases[0]
+    assert base.quiet is not None
+    us_per_accepted = base.server_cpu_s / max(base.quiet.requests, 1) * 1e6
+    cost_run = run_phase(server, "429 cost", [hammer_spec(args, server.url, 1)])
+    run.cost = refusal_cost(cost_run, us_per_accepted)
+    print(f"  429 cost: {run.cost.us_per_429:.0f} µs of server CPU per refused push", flush=True)
+    if args.no_profile or not Profiler.available():
+        return
+    profiler = Profiler(server.pid, profile_path(args.out))
+    profiled = run_phase(server, "429 profile", [hammer_spec(args, server.url, 2)], profiler)
+    run.profile_scopes = merged_counts(profiled.results, "scopes")
+    run.profile = summarize_profile(profiler.out, profiled.cpu.wall_s, profiler.rate, step_of)
+    run.profile["raw"] = str(profiler.out)
+
+
+def seen_429_by_scope(run: Run) -> dict[str, int]:
+    seen: Counter[str] = Counter(run.profile_scopes)
+    for p in run.phases:
+        seen.update(p.noisy.scopes if p.noisy else {})
+        seen.update({"quiet": p.quiet.refused} if p.quiet and p.quiet.refused else {})
+    if run.cost is not None:
+        seen.update(run.cost.scopes)
+    return dict(seen)
+
+
+def acked_items(run: Run) -> dict[str, int]:
+    acked: Counter[str] = Counter({QUIET: run.warmup_acked})
+    for p in run.phases:
+        for tenant, stats in ((QUIET, p.quiet), (NOISY, p.noisy)):
+            if stats is not None:
+                acked[tenant] += stats.items.get("created", 0) + stats.items.get("merged", 0)
+    return dict(acked)
+
+
+def final_checks(server: Server, args: argparse.Namespace, run: Run) -> None:
+    for p in run.phases:
+        check_phase(p, run.checks)
+    if run.cost is not None:
+        run.checks.expect(run.cost.bad_429 == 0, f"{run.cost.bad_429} malformed 429s (cost phase)")
+    check_metrics(seen_429_by_scope(run), run.metric, run.checks)
+    run.logged = check_log_rows(server.db, acked_items(run), run.checks)
+    count, first = server.log_problems()
+    run.checks.note(count == 0, f"the server logged {count} WARNING/ERROR lines: {first}")
+
+
+def report(args: argparse.Namespace, run: Run, run_s: float) -> None:
+    goal = verdict(run.phases)
+    print(
+        f"\nfieldsync noisy-neighbour benchmark — {machine_info()['cores']} cores, load average"
+        f" at start {args.loadavg}, code {code_version()}; limits: {args.limits}; quiet"
+        f" {args.quiet_devices} devices x {args.quiet_rate:g} req/s (every {args.pull_every}th a"
+        f" pull); noisy {args.noisy_devices} devices in {args.noisy_procs} processes at"
+        f" {args.flood_factor:g}x the tenant quota; {args.duration:g} s per phase"
+    )
+    print_table(PHASE_COLUMNS, [phase_row(p) for p in run.phases])
+    print_summary(run.phases, goal)
+    print_gc(run.phases)
+    if run.cost is not None:
+        print_cost(run.cost, next((p.noisy for p in run.phases if p.name == "flood"), None))
+    if run.profile is not None and run.cost is not None:
+        print_profile(run.profile, run.cost.us_per_429)
+    print(f"\nlog rows per tenant: {run.logged}; acked items: {acked_items(run)}")
+    print(f"fieldsync_rate_limited_total: {run.metric}; 429s seen: {seen_429_by_scope(run)}")
+    for w in run.checks.warnings:
+        print(f"warning: {w}")
+    for problem in run.checks.problems:
+        print(f"!!!!! {problem}")
+    failed = bool(run.checks.problems)
+    print(f"\n{'FAILED' if failed else 'ok'} — total run {run_s:.0f} s; results in {args.out}")
+    write_json(args.out, results_json(args, run, goal, failed))
+
+
+def results_json(
+    args: argparse.Namespace, run: Run, goal: dict[str, Any], failed: bool
+) -> dict[str, Any]:
+    settings = jsonable_settings({k: v for k, v in vars(args).items() if k != "limits"})
+    return {
+        "machine": machine_info(),
+        "code": code_version(),
+        "settings": settings,
+        "limits": {scope: str(rate) for scope, rate in args.limits.rates()},
+        "goal": goal,
+        "phases": [asdict(p) for p in run.phases],
+        "refusal_cost": asdict(run.cost) if run.cost else None,
+        "profile": run.profile,
+        "rate_limited_metric": run.metric,
+        "log_rows": run.logged,
+        "acked_items": acked_items(run),
+        "warnings": run.checks.warnings,
+        "problems": run.checks.problems,
+        "failed": failed,
+    }
+
+
+def profile_path(out: Path) -> Path:
+    """The raw py-spy stacks beside the results: noisy_neighbour[_quick]_profile.txt."""
+    return out.with_name(f"{out.stem}_profile.txt")
+
+
+def wait_for_idle(max_wait_s: float, busy_pct: float = 15.0, sample_s: float = 2.0) -> float:
+    """Wait (at most `max_wait_s`) until the machine's busy CPU over `sample_s` is under
+    `busy_pct` of one core: other people's jobs on a shared box would disturb the numbers.
+    Returns the last busy share seen."""
+    deadline = time.monotonic() + max_wait_s
+    busy = 0.0
+    for _ in range(1 + int(max_wait_s / sample_s)):
+        before = machine_busy_seconds()
+        time.sleep(sample_s)
+        busy = (machine_busy_seconds() - before) / sample_s * 100
+        if busy < busy_pct or time.monotonic() >= deadline:
+            break
+        print(f"the machine is busy ({busy:.0f}% of a core); waiting", flush=True)
+    return busy
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.idle_wait > 0:
+        args.busy_before_pct = round(wait_for_idle(args.idle_wait), 1)
+    args.loadavg = loadavg()
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    run = Run()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fieldsync-gc-") as gc_dir:
+        gc_trace = None if args.no_gc_trace else GcTrace(Path(gc_dir))
+        env = {**args.limits.env(), **(gc_trace.env() if gc_trace else {})}
+        with running_server(env=env) as server:
+            try:
+                measure(server, args, run, gc_trace)
+            finally:
+                server.stop()  # a clean shutdown before the log rows are counted
+            final_checks(server, args, run)
+    report(args, run, time.perf_counter() - started)
+    return 1 if run.checks.problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
