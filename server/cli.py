@@ -11,7 +11,7 @@ import os
 import resource
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -99,42 +99,69 @@ def _serve_options(serve: argparse.ArgumentParser) -> None:
         help="a browser Origin allowed to open sockets (repeatable; default: same host only)",
     )
     for scope, default in RATE_DEFAULTS.items():
-        serve.add_argument(
+        _env_option(
+            serve,
             f"--rate-{scope}",
-            type=Rate.parse,
-            default=Rate.parse(os.environ.get(f"FIELDSYNC_RATE_{scope.upper()}", default)),
-            help=f"{RATE_HELP[scope]}: N/second|minute|hour (default {default})",
+            f"FIELDSYNC_RATE_{scope.upper()}",
+            Rate.parse,
+            default,
+            f"{RATE_HELP[scope]}: N/second|minute|hour (default {default})",
         )
-    serve.add_argument(
+    _env_option(
+        serve,
         "--max-accuracy",
-        type=float,
-        default=float(os.environ.get("FIELDSYNC_MAX_ACCURACY_M", "100")),
-        help="largest GPS accuracy (metres) an attendance punch may report",
+        "FIELDSYNC_MAX_ACCURACY_M",
+        float,
+        "100",
+        "largest GPS accuracy (metres) an attendance punch may report",
     )
-    serve.add_argument(
+    _env_option(
+        serve,
         "--clock-skew",
-        type=float,
-        default=float(os.environ.get("FIELDSYNC_CLOCK_SKEW_S", "300")),
-        help="seconds a device's punch time may run ahead of the server's clock",
+        "FIELDSYNC_CLOCK_SKEW_S",
+        float,
+        "300",
+        "seconds a device's punch time may run ahead of the server's clock",
     )
-    serve.add_argument(
+    _env_option(
+        serve,
         "--geofences",
-        type=load_geofences,
-        default=load_geofences(os.environ.get("FIELDSYNC_GEOFENCES", "")),
-        help='JSON file {"<bu>": {"lat": .., "lon": .., "radius_m": ..}}: attendance punches'
-        " outside their bu's circle are refused",
+        "FIELDSYNC_GEOFENCES",
+        load_geofences,
+        "",
+        'JSON file {"<bu>": {"lat": .., "lon": .., "radius_m": ..}}: attendance'
+        " punches outside their bu's circle are refused",
     )
-    serve.add_argument(
+    _env_option(
+        serve,
         "--memory-limit",
-        type=parse_size,
-        default=parse_size(os.environ.get("FIELDSYNC_MEMORY_LIMIT", "4GiB")),
-        help="address-space ceiling of the process, e.g. 2GiB (0: none); an allocation past it"
-        " fails at once instead of taking the machine",
+        "FIELDSYNC_MEMORY_LIMIT",
+        parse_size,
+        "4GiB",
+        "address-space ceiling of the process, e.g. 2GiB (0: none); an allocation"
+        " past it fails at once instead of taking the machine",
     )
-    serve.add_argument(
+    _env_option(
+        serve,
         "--sockets-per-device",
-        type=int,
-        default=int(os.environ.get("FIELDSYNC_SOCKETS_PER_DEVICE", "4")),
+        "FIELDSYNC_SOCKETS_PER_DEVICE",
+        int,
+        "4",
+        "open device sockets per device",
+    )
+
+
+def _env_option(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    env: str,
+    convert: Callable[[str], object],
+    default: str,
+    help_text: str,
+) -> None:
+    """A flag whose default comes from an environment variable, else `default`."""
+    parser.add_argument(
+        flag, type=convert, default=convert(os.environ.get(env, default)), help=help_text
     )
 
 
