@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-from .base import StorageError, StorageUnavailable, Store
+from .base import RecordConflict, StorageError, StorageUnavailable, Store
 from .types import RecordKey
 
-__all__ = ["RecordKey", "StorageError", "StorageUnavailable", "Store", "open_store"]
+__all__ = [
+    "RecordConflict",
+    "RecordKey",
+    "StorageError",
+    "StorageUnavailable",
+    "Store",
+    "open_store",
+]
 
 
 def open_store(db: str) -> Store:

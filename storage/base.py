@@ -7,7 +7,7 @@ Both backends pass the same contract suite (tests/test_storage_contract.py).
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from .types import (
     IdempotencyRow,
@@ -17,9 +17,12 @@ from .types import (
     Position,
     RecordKey,
     RecordRow,
+    Seq,
     StoredRecord,
     WriteBatch,
 )
+
+CommitNotice = Callable[[NodeId, Seq], None]
 
 
 class StorageError(Exception):
@@ -30,8 +33,20 @@ class StorageUnavailable(StorageError):
     """The database could not commit or read; nothing of the failed operation is durable."""
 
 
+class RecordConflict(StorageUnavailable):
+    """Another writer moved one of the batch's records first; nothing was written.
+
+    Record writes carry the version they produce, and a record's writes in one group
+    must continue its stored version without a gap. Whoever merged on an older state
+    reloads the record and merges again.
+    """
+
+
 class Store(abc.ABC):
     """Async storage for records, the change log, idempotency keys and client-id claims."""
+
+    shared: bool = False
+    """Whether other nodes may write the same database (and `watch` reports their commits)."""
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -59,6 +74,9 @@ class Store(abc.ABC):
 
         Returns only after the commit is durable. Raises StorageUnavailable if it is not;
         then nothing of the batch, nor of any batch queued behind it, was written.
+        A record's writes must continue its stored version (the first write of a new
+        record is version 1), else RecordConflict. A fold whose entries were already
+        folded is skipped: the snapshot it carries was built from an older one.
         """
 
     @abc.abstractmethod
@@ -83,6 +101,22 @@ class Store(abc.ABC):
         `bus=None` means every bu of the tenant. Each node's entries come in seq order.
         Returns the entries and whether more remain past them.
         """
+
+    @abc.abstractmethod
+    async def read_node_log(self, node_id: NodeId, after: int, limit: int) -> list[LogEntry]:
+        """Up to `limit` entries of one node's log past seq `after`, every tenant, in seq order."""
+
+    @abc.abstractmethod
+    async def log_heads(self) -> dict[NodeId, int]:
+        """The last seq of each node that has appended to the log."""
+
+    async def watch(self, notice: CommitNotice) -> None:
+        """Call `notice(node, seq)` whenever another node commits entries, up to `seq`.
+
+        Best effort (a notice may be lost while the database is unreachable): readers
+        also poll `read_node_log`. Stops at `close()`. Single-node backends do nothing.
+        """
+        return None
 
     @abc.abstractmethod
     async def record_log(self, key: RecordKey) -> list[LogEntry]:

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from .base import StorageUnavailable
+from .base import RecordConflict, StorageUnavailable
 from .types import Position, WriteBatch
 
 log = logging.getLogger(__name__)
@@ -87,8 +87,9 @@ class GroupCommitter:
         try:
             positions = await self._write_group([batch for batch, _ in group])
         except Exception as exc:  # any database failure: nobody in the group is acknowledged
-            log.error("group commit of %d batches failed: %s", len(group), exc)
-            failure = StorageUnavailable(f"commit failed: {exc}")
+            failure = _failure(exc)
+            level = logging.INFO if isinstance(failure, RecordConflict) else logging.ERROR
+            log.log(level, "group commit of %d batches failed: %s", len(group), exc)
             for _, fut in group:
                 _fail(fut, failure)
             self._fail_queued(failure)
@@ -104,6 +105,13 @@ class GroupCommitter:
             _, fut = self._queue.get_nowait()
             self._queue.task_done()
             _fail(fut, failure)
+
+
+def _failure(exc: Exception) -> StorageUnavailable:
+    """What every batch of a failed group (and behind it) is told; a conflict stays one."""
+    if isinstance(exc, RecordConflict):
+        return RecordConflict(str(exc))
+    return StorageUnavailable(f"commit failed: {exc}")
 
 
 def _fail(fut: asyncio.Future[list[Position]], exc: BaseException) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import aiosqlite
 
-from .base import StorageError, StorageUnavailable, Store
+from .base import RecordConflict, StorageError, StorageUnavailable, Store
 from .group_commit import GroupCommitter, GroupPolicy
 from .sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 from .types import (
@@ -30,6 +30,7 @@ from .types import (
     StoredRecord,
     WriteBatch,
 )
+from .versions import versioned_writes
 
 QUARANTINE_KEEP = 10_000
 _LOG_COLUMNS = (
@@ -209,23 +210,7 @@ class SQLiteStore(Store):
             await conn.executemany(
                 f"INSERT INTO log ({_LOG_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", log_rows
             )
-        records = [
-            (
-                r.key.tenant,
-                r.key.domain,
-                r.key.record_id,
-                r.bu,
-                r.state_vector,
-                r.materialized,
-                r.version,
-                now,
-                now,
-            )
-            for b in batches
-            for r in b.records
-        ]
-        if records:
-            await conn.executemany(_UPSERT_RECORD, records)
+        await self._write_records(conn, batches, now)
         claims = [(c.tenant, c.client_id, c.device, now) for b in batches for c in b.claims]
         if claims:
             await conn.executemany(
@@ -251,18 +236,48 @@ class SQLiteStore(Store):
         await self._write_quarantine(conn, batches, now)
 
     @staticmethod
+    async def _write_records(
+        conn: aiosqlite.Connection, batches: Sequence[WriteBatch], now: float
+    ) -> None:
+        writes = versioned_writes(batches)
+        new = [
+            (*w.key, w.bu, w.state_vector, w.materialized, w.version, now, now)
+            for w, base in writes
+            if base == 0
+        ]
+        moved = [
+            (w.state_vector, w.materialized, w.version, now, *w.key, base)
+            for w, base in writes
+            if base > 0
+        ]
+        written = 0
+        if new:
+            written += (await conn.executemany(_INSERT_RECORD, new)).rowcount
+        if moved:
+            written += (await conn.executemany(_UPDATE_RECORD, moved)).rowcount
+        if written != len(writes):
+            keys = ", ".join(str(tuple(w.key)) for w, _ in writes[:5])
+            raise RecordConflict(f"a record moved on since it was merged (one of {keys})")
+
+    @staticmethod
     async def _write_folds(conn: aiosqlite.Connection, batches: Sequence[WriteBatch]) -> None:
-        folds = [f for b in batches for f in b.folds]
-        if not folds:
-            return
-        await conn.executemany(
-            "UPDATE records SET snapshot = ? WHERE tenant = ? AND domain = ? AND record_id = ?",
-            [(f.snapshot, f.key.tenant, f.key.domain, f.key.record_id) for f in folds],
-        )
-        await conn.executemany(
-            "UPDATE log SET folded = 1 WHERE node_id = ? AND seq = ?",
-            [(p.node_id, p.seq) for f in folds for p in f.through],
-        )
+        for fold in (f for b in batches for f in b.folds):
+            through = [(p.node_id, p.seq) for p in fold.through]
+            marks = ",".join(["(?,?)"] * len(through))
+            unfolded = await _scalar(
+                conn,
+                f"SELECT COUNT(*) FROM log WHERE folded = 0 AND (node_id, seq) IN (VALUES {marks})",
+                tuple(x for pos in through for x in pos),
+            )
+            if unfolded != len(through):
+                continue  # another compaction folded some of them into a newer snapshot
+            await conn.execute(
+                "UPDATE records SET snapshot = ? WHERE tenant = ? AND domain = ? AND record_id = ?",
+                (fold.snapshot, *fold.key),
+            )
+            await conn.executemany(
+                "UPDATE log SET folded = 1 WHERE node_id = ? AND seq = ?", through
+            )
 
     @staticmethod
     async def _write_quarantine(
@@ -360,6 +375,21 @@ class SQLiteStore(Store):
                 return entries, True
         return entries, False
 
+    async def read_node_log(self, node_id: NodeId, after: int, limit: int) -> list[LogEntry]:
+        rows = await self._read(
+            f"SELECT {_LOG_COLUMNS} FROM log WHERE node_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (node_id, after, limit),
+        )
+        return [_log_entry(r) for r in rows]
+
+    async def log_heads(self) -> dict[NodeId, int]:
+        heads: dict[NodeId, int] = {}
+        for (node,) in await self._read("SELECT node_id FROM nodes"):
+            rows = await self._read("SELECT MAX(seq) FROM log WHERE node_id = ?", (node,))
+            if rows and rows[0][0] is not None:
+                heads[NodeId(str(node))] = int(rows[0][0])
+        return heads
+
     async def record_log(self, key: RecordKey) -> list[LogEntry]:
         rows = await self._read(
             f"SELECT {_LOG_COLUMNS} FROM log WHERE tenant = ? AND domain = ? AND record_id = ?"
@@ -421,15 +451,15 @@ class SQLiteStore(Store):
         return conn
 
 
-_UPSERT_RECORD = """
+_INSERT_RECORD = """
 INSERT INTO records (tenant, domain, record_id, bu, state_vector, materialized, version,
                      created_at, updated_at)
 VALUES (?,?,?,?,?,?,?,?,?)
-ON CONFLICT (tenant, domain, record_id) DO UPDATE SET
-    state_vector = excluded.state_vector,
-    materialized = excluded.materialized,
-    version = excluded.version,
-    updated_at = excluded.updated_at
+ON CONFLICT (tenant, domain, record_id) DO NOTHING
+"""
+_UPDATE_RECORD = """
+UPDATE records SET state_vector = ?, materialized = ?, version = ?, updated_at = ?
+WHERE tenant = ? AND domain = ? AND record_id = ? AND version = ?
 """
 
 

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from storage import Store
-from storage.base import StorageUnavailable
+from storage.base import RecordConflict, StorageUnavailable
 from storage.types import (
     ClientClaim,
     Fold,
@@ -172,3 +172,67 @@ async def test_closed_store_refuses_commits(store_factory) -> None:
     await store.close()
     with pytest.raises(StorageUnavailable):
         await store.commit(_write(KEY, 1))
+
+
+async def test_record_writes_continue_the_stored_version(store: Store) -> None:
+    await store.commit(_write(KEY, 1, b"a"))
+    for stale in (_write(KEY, 1, b"again"), _write(KEY, 3, b"skips")):
+        with pytest.raises(RecordConflict):
+            await store.commit(stale)
+    two_steps = _write(KEY, 2, b"b")
+    two_steps.entries += _write(KEY, 3, b"c").entries
+    two_steps.records += _write(KEY, 3, b"c").records
+    await store.commit(two_steps)
+    rec = (await store.load_records([KEY]))[KEY]
+    assert rec.row.version == 3 and rec.row.materialized == '{"v": 3}'
+    assert [e.update for e in rec.tail] == [b"a", b"b", b"c"]  # refused batches left nothing
+
+
+async def test_a_conflict_in_a_batch_writes_none_of_it(store: Store) -> None:
+    await store.commit(_write(KEY, 1))
+    other = RecordKey("t1", "activity", "rec-2")
+    batch = _write(other, 1, b"fine")
+    batch.entries += _write(KEY, 1, b"stale").entries
+    batch.records += _write(KEY, 1, b"stale").records
+    batch.claims.append(ClientClaim("t1", 9, "dev-1"))
+    with pytest.raises(RecordConflict):
+        await store.commit(batch)
+    assert await store.get_record(other) is None
+    assert await store.client_owner("t1", 9) is None
+    entries, _ = await store.read_log("t1", "activity", {}, 100)
+    assert len(entries) == 1
+
+
+async def test_a_fold_of_folded_entries_is_skipped(store: Store) -> None:
+    positions = []
+    for v in range(1, 4):
+        positions += await store.commit(_write(KEY, v, b"u%d" % v))
+    newer = Fold(KEY, b"snap-all", tuple(positions))
+    older = Fold(KEY, b"snap-two", tuple(positions[:2]))  # read before the newer fold landed
+    await store.commit(WriteBatch(folds=[newer]))
+    await store.commit(WriteBatch(folds=[older]))
+    rec = (await store.load_records([KEY]))[KEY]
+    assert rec.row.snapshot == b"snap-all" and rec.tail == ()
+
+
+async def test_two_nodes_share_a_database(store_factory) -> None:
+    a: Store = await store_factory(register=False)
+    b: Store = await store_factory(register=False)
+    node_a = await a.register_node(NodeId("node-a"), 501)
+    node_b = await b.register_node(NodeId("node-b"), 502)
+    assert await a.server_client_ids() == frozenset({501, 502})
+    await a.commit(_write(KEY, 1, b"from-a"))
+    with pytest.raises(RecordConflict):  # b merged on a state without a's write
+        await b.commit(_write(KEY, 1, b"from-b"))
+    pb = await b.commit(_write(KEY, 2, b"from-b"))
+    pa = await a.commit(_write(RecordKey("t1", "activity", "rec-2"), 1))
+    assert pb[0] == (node_b.node_id, 1) and pa[0] == (node_a.node_id, 2)
+    assert await b.log_heads() == {node_a.node_id: 2, node_b.node_id: 1}
+    from_a = await b.read_node_log(node_a.node_id, 0, 10)
+    assert [e.update for e in from_a] == [b"from-a", b"u"]
+    assert [e.position.seq for e in await b.read_node_log(node_a.node_id, 1, 10)] == [2]
+    assert await b.read_node_log(node_a.node_id, 0, 1) == from_a[:1]
+    entries, more = await a.read_log("t1", "activity", {node_a.node_id: 2}, 10)
+    assert [e.update for e in entries] == [b"from-b"] and not more
+    rec = (await a.load_records([KEY]))[KEY]
+    assert rec.row.version == 2 and [e.update for e in rec.tail] == [b"from-a", b"from-b"]
