@@ -34,7 +34,8 @@ class StorageUnavailable(StorageError):
 
 
 class RecordConflict(StorageUnavailable):
-    """Another writer moved one of the batch's records first; nothing was written.
+    """Another writer moved one of the batch's records (or claimed one of its client ids)
+    first; nothing was written.
 
     Record writes carry the version they produce, and a record's writes in one group
     must continue its stored version without a gap. Whoever merged on an older state
@@ -75,7 +76,8 @@ class Store(abc.ABC):
         Returns only after the commit is durable. Raises StorageUnavailable if it is not;
         then nothing of the batch, nor of any batch queued behind it, was written.
         A record's writes must continue its stored version (the first write of a new
-        record is version 1), else RecordConflict. A fold whose entries were already
+        record is version 1), else RecordConflict; so is a claim of a client id another
+        device owns. A fold whose entries were already
         folded is skipped: the snapshot it carries was built from an older one.
         """
 

@@ -211,13 +211,7 @@ class SQLiteStore(Store):
                 f"INSERT INTO log ({_LOG_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", log_rows
             )
         await self._write_records(conn, batches, now)
-        claims = [(c.tenant, c.client_id, c.device, now) for b in batches for c in b.claims]
-        if claims:
-            await conn.executemany(
-                "INSERT OR IGNORE INTO client_ids (tenant, client_id, device, claimed_at)"
-                " VALUES (?,?,?,?)",
-                claims,
-            )
+        await self._write_claims(conn, batches, now)
         idem = [
             (i.tenant, i.user, i.key, i.request_hash, i.response, i.expires_at)
             for b in batches
@@ -258,6 +252,28 @@ class SQLiteStore(Store):
         if written != len(writes):
             keys = ", ".join(str(tuple(w.key)) for w, _ in writes[:5])
             raise RecordConflict(f"a record moved on since it was merged (one of {keys})")
+
+    @staticmethod
+    async def _write_claims(
+        conn: aiosqlite.Connection, batches: Sequence[WriteBatch], now: float
+    ) -> None:
+        claims = sorted({(c.tenant, c.client_id, c.device) for b in batches for c in b.claims})
+        if not claims:
+            return
+        await conn.executemany(
+            "INSERT OR IGNORE INTO client_ids (tenant, client_id, device, claimed_at)"
+            " VALUES (?,?,?,?)",
+            [(*c, now) for c in claims],
+        )
+        marks = ",".join(["(?,?,?)"] * len(claims))
+        held = await _scalar(
+            conn,
+            "SELECT COUNT(*) FROM client_ids"
+            f" WHERE (tenant, client_id, device) IN (VALUES {marks})",
+            tuple(x for c in claims for x in c),
+        )
+        if held != len(claims):
+            raise RecordConflict("another device claimed one of these Yjs client ids first")
 
     @staticmethod
     async def _write_folds(conn: aiosqlite.Connection, batches: Sequence[WriteBatch]) -> None:

@@ -128,7 +128,12 @@ async def test_idempotency_keys_expire(store: Store) -> None:
 
 async def test_client_id_claims_keep_the_first_owner(store: Store) -> None:
     await store.commit(WriteBatch(claims=[ClientClaim("t1", 42, "dev-a")]))
-    await store.commit(WriteBatch(claims=[ClientClaim("t1", 42, "dev-b")]))
+    await store.commit(WriteBatch(claims=[ClientClaim("t1", 42, "dev-a")]))  # again: fine
+    late = _write(KEY, 1)
+    late.claims.append(ClientClaim("t1", 42, "dev-b"))  # another node's cache missed dev-a
+    with pytest.raises(RecordConflict):
+        await store.commit(late)
+    assert await store.get_record(KEY) is None
     assert await store.client_owner("t1", 42) == "dev-a"
     assert await store.client_owner("t2", 42) is None
 
