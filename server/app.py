@@ -7,6 +7,7 @@ import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 from aiohttp import web
 
@@ -25,6 +26,7 @@ from .idempotency import Idempotency
 from .live import LiveRecords
 from .metrics import Metrics
 from .ownership import ClientOwners
+from .peers import Peers
 from .pipeline import Pipeline
 from .ratelimit import RateLimiter, TenantSlots
 from .services import SERVICES, Services
@@ -58,12 +60,13 @@ def _lifecycle(config: Config) -> Callable[[web.Application], AsyncIterator[None
         store = open_store(config.db)
         await store.open()
         try:
-            node_id = NodeId(config.node_id) if config.node_id else None
-            node = await store.register_node(node_id, secrets.randbelow(MAX_CLIENT_ID) + 1)
-            app[SERVICES] = await _services(config, store, node)
+            node = await _register(config, store)
+            svc = app[SERVICES] = await _services(config, store, node)
             log.info("node %s ready on %s", node.node_id, config.db)
+            peers = Peers(svc.pipeline, config.peer_poll_s)
+            await peers.start()
             compactor = asyncio.create_task(
-                run_periodically(app[SERVICES].pipeline, config.compaction_interval_s),
+                run_periodically(svc.pipeline, config.compaction_interval_s),
                 name="fieldsync-compaction",
             )
             try:
@@ -72,10 +75,30 @@ def _lifecycle(config: Config) -> Callable[[web.Application], AsyncIterator[None
                 compactor.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await compactor
+                await peers.stop()
         finally:
             await store.close()
 
     return lifecycle
+
+
+async def _register(config: Config, store: Store) -> NodeInfo:
+    """This node's identity: configured, else the one kept from the first start.
+
+    A SQLite database remembers its one node itself. Nodes sharing a database keep
+    their id in `config.node_file`, so cursors do not gain a node at every restart.
+    """
+    node_id = config.node_id
+    kept = Path(config.node_file) if config.node_file and store.shared else None
+    if node_id is None and kept is not None and kept.exists():
+        node_id = kept.read_text().strip() or None
+    node = await store.register_node(
+        NodeId(node_id) if node_id else None, secrets.randbelow(MAX_CLIENT_ID) + 1
+    )
+    if kept is not None and node_id is None:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_text(node.node_id + "\n")
+    return node
 
 
 async def _services(config: Config, store: Store, node: NodeInfo) -> Services:

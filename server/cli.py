@@ -91,7 +91,16 @@ def _serve_options(serve: argparse.ArgumentParser) -> None:
     _db_arg(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--node-id", default=os.environ.get("FIELDSYNC_NODE_ID"))
+    serve.add_argument(
+        "--node-id",
+        default=os.environ.get("FIELDSYNC_NODE_ID"),
+        help="this node's id in the change log (several nodes on one database: one each)",
+    )
+    serve.add_argument(
+        "--node-file",
+        default=os.environ.get("FIELDSYNC_NODE_FILE", "fieldsync-node.id"),
+        help="on PostgreSQL without --node-id: where the id registered at first start is kept",
+    )
     serve.add_argument(
         "--allow-origin",
         action="append",
@@ -236,6 +245,7 @@ def _serve(args: argparse.Namespace) -> None:
         jwt_public_key=public[0] if public else None,
         jwt_algorithms=public[1] if public else ("HS256",),
         node_id=args.node_id,
+        node_file=args.node_file,
         sockets=sockets,
         rates=rates,
     )

@@ -40,6 +40,8 @@ class Config:
     jwt_algorithms: tuple[str, ...] = ("HS256",)
     jwt_public_key: str | None = None
     node_id: str | None = None
+    node_file: str | None = None  # where a node on a shared database keeps its registered id
+    peer_poll_s: float = 2.0  # how often to look for other nodes' commits besides notices
     limits: Limits = field(default_factory=Limits)
     sockets: SocketSettings = field(default_factory=SocketSettings)
     rates: RateSettings = field(default_factory=RateSettings)

@@ -14,7 +14,7 @@ import hashlib
 import itertools
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +24,7 @@ from crdt_models import record as records
 from crdt_models.registry import get_model
 from crdt_models.yupdate import MalformedUpdate, inspect_update
 from storage import RecordKey, Store
-from storage.types import StoredRecord
+from storage.types import LogEntry, StoredRecord
 
 from .errors import ApiError, ErrorCode
 from .gate import DocFailed, apply_update, contained, state_of
@@ -264,6 +264,38 @@ class LiveRecords:
         finally:
             self.unpin(recs.values())
 
+    def refresh(self, entries: Sequence[LogEntry]) -> None:
+        """Bring cached docs forward by entries another node committed.
+
+        Their rules already ran on that node, so the updates are applied as they are. A
+        cached record they do not continue exactly (it missed some of its history) is
+        discarded and reloads; a local merge based on the old state fails its commit
+        with a conflict and merges again.
+        """
+        for key, group in _by_record(entries).items():
+            rec = self._live.get(key)
+            if rec is None or rec.poisoned:
+                continue
+            newer = [e for e in group if e.version > rec.version]
+            if not newer:
+                continue
+            if not _continues(rec.version, newer) or not self._take_remote(rec, newer):
+                self.poison(rec)
+
+    @staticmethod
+    def _take_remote(rec: LiveRecord, entries: list[LogEntry]) -> bool:
+        try:
+            for entry in entries:
+                if _adds_beyond(entry.update, rec.apply(entry.update)):
+                    rec.hold_pending(entry.update)
+            rec.take_captured()
+            rec.state = records.read_state(rec.doc, get_model(rec.key.domain))
+        except DocFailed:
+            return False
+        rec.version, rec.exists, rec.bu = entries[-1].version, True, entries[-1].bu
+        rec.tail += len(entries)
+        return True
+
     def folded(self, key: RecordKey, entries: int) -> None:
         """Compaction folded `entries` of the record's tail into its snapshot."""
         rec = self._live.get(key)
@@ -287,6 +319,20 @@ def _resolve(fut: asyncio.Future[LiveRecord], exc: BaseException) -> None:
 
 def _capture(rec: LiveRecord, event: TransactionEvent) -> None:
     rec.captured.append(event.update)
+
+
+def _by_record(entries: Sequence[LogEntry]) -> dict[RecordKey, list[LogEntry]]:
+    grouped: dict[RecordKey, list[LogEntry]] = {}
+    for entry in entries:
+        grouped.setdefault(entry.key, []).append(entry)
+    return grouped
+
+
+def _continues(version: int, entries: list[LogEntry]) -> bool:
+    """Whether entries follow `version` with no gap (an update and its compensation share one)."""
+    if entries[0].version != version + 1:
+        return False
+    return all(b.version - a.version in (0, 1) for a, b in itertools.pairwise(entries))
 
 
 def _merged(updates: list[bytes]) -> bytes:

@@ -13,10 +13,10 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from crdt_models import constraints
 from crdt_models import record as records
@@ -24,7 +24,7 @@ from crdt_models.context import RuleSettings
 from crdt_models.registry import get_model
 from crdt_models.schema import DomainModel
 from crdt_models.yupdate import UpdateShape, encode_state_vector
-from storage import RecordKey, StorageUnavailable, Store
+from storage import RecordConflict, RecordKey, StorageUnavailable, Store
 from storage.types import (
     ClientClaim,
     IdempotencyWrite,
@@ -47,6 +47,7 @@ from .ratelimit import Buckets, Rate, RateSettings
 log = logging.getLogger(__name__)
 
 QUARANTINE_BYTES = 64 << 10
+MERGE_ATTEMPTS = 5  # another node moving a record first costs a reload and a new merge
 DEFAULT_RATES = RateSettings()
 DEFAULT_RULE_SETTINGS = RuleSettings()
 Listener = Callable[[Sequence[LogEntry]], None]
@@ -73,6 +74,8 @@ class _Merge:
 
 
 Remember = Callable[[list[ItemResult]], IdempotencyWrite]
+T = TypeVar("T")
+Attempt = Callable[[dict[RecordKey, LiveRecord]], Awaitable[T]]
 
 
 class Pipeline:
@@ -109,17 +112,32 @@ class Pipeline:
         tenant = actor.principal.tenant
         checked = [self._check(tenant, domain, item) for item in items]
         quarantine = [c for c in checked if c.error and c.error.code == ErrorCode.MALFORMED_UPDATE]
-        recs = await self.live.pin_many(c.key for c in checked if c.error is None)
-        try:
+        keys = [c.key for c in checked if c.error is None]
+
+        async def attempt(recs: dict[RecordKey, LiveRecord]) -> list[ItemResult]:
             await self.owners.preload(tenant, _clients(checked))
             merge = self._merge_all(actor, model, checked, recs)
             merge.batch.quarantine += [self._quarantined(actor, c) for c in quarantine]
             if remember is not None:
                 merge.batch.idempotency = remember(merge.results)
             await self._commit(merge)
-        finally:
-            self.live.unpin(recs.values())
-        return merge.results
+            return merge.results
+
+        return await self._attempts(keys, attempt)
+
+    async def _attempts(self, keys: list[RecordKey], attempt: Attempt[T]) -> T:
+        """Run `attempt` on the pinned records; again on fresh ones if another node moved them."""
+        for n in range(1, MERGE_ATTEMPTS + 1):
+            recs = await self.live.pin_many(keys)
+            try:
+                return await attempt(recs)
+            except RecordConflict:
+                if n == MERGE_ATTEMPTS:
+                    raise
+                log.info("records moved on elsewhere; merging again (attempt %d)", n + 1)
+            finally:
+                self.live.unpin(recs.values())
+        raise AssertionError("unreachable")
 
     # -- reads of live records (for sockets that hold a record open) ---------
 
@@ -142,8 +160,8 @@ class Pipeline:
     async def edit(self, actor: Actor, key: RecordKey, values: Mapping[str, object]) -> ItemResult:
         """A back-office edit: written by the server on the actor's behalf, then the rules run."""
         model = get_model(key.domain)
-        recs = await self.live.pin_many([key])
-        try:
+
+        async def attempt(recs: dict[RecordKey, LiveRecord]) -> ItemResult:
             rec = recs.get(key)
             if rec is None or rec.poisoned:
                 raise ApiError(ErrorCode.STORAGE_UNAVAILABLE, "the record is reloading; retry")
@@ -152,9 +170,9 @@ class Pipeline:
             merge = _Merge()
             result = self._edit_one(actor, model, rec, values, merge)
             await self._commit(merge)
-        finally:
-            self.live.unpin(recs.values())
-        return result
+            return result
+
+        return await self._attempts([key], attempt)
 
     def _edit_one(
         self,
@@ -453,12 +471,26 @@ class Pipeline:
         if not self.listeners or not positions:
             return
         now = time.time()
-        committed = [
-            LogEntry(
-                pos, e.key, e.bu, e.update, e.version, e.origin, e.actor, e.device, e.decisions, now
-            )
-            for pos, e in zip(positions, batch.entries)
-        ]
+        self.publish(
+            [
+                LogEntry(
+                    pos,
+                    e.key,
+                    e.bu,
+                    e.update,
+                    e.version,
+                    e.origin,
+                    e.actor,
+                    e.device,
+                    e.decisions,
+                    now,
+                )
+                for pos, e in zip(positions, batch.entries)
+            ]
+        )
+
+    def publish(self, committed: Sequence[LogEntry]) -> None:
+        """Hand committed entries (this node's or another's) to every live subscriber."""
         for listener in self.listeners:
             try:
                 listener(committed)
