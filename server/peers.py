@@ -31,6 +31,7 @@ class Peers:
         self._discover_every = discover_every
         self._page = page
         self.taken: dict[NodeId, int] = {}  # per other node: the last seq delivered here
+        self._heard: set[NodeId] = set()  # nodes whose notices came before we knew them
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -38,6 +39,8 @@ class Peers:
         """Start from the log's current end: what was committed before is read from the log."""
         heads = await self._pipeline.store.log_heads()
         self.taken = {n: s for n, s in heads.items() if n != self._node}
+        registered = await self._pipeline.store.server_client_ids()
+        self._pipeline.other_nodes = bool(self.taken) or len(registered) > 1
         await self._pipeline.store.watch(self._notice)
         self._task = asyncio.create_task(self._run(), name="fieldsync-peers")
 
@@ -50,6 +53,8 @@ class Peers:
 
     def _notice(self, node: NodeId, seq: Seq) -> None:
         if node != self._node and seq > self.taken.get(node, 0):
+            if node not in self.taken:
+                self._heard.add(node)
             self._wake.set()
 
     async def _run(self) -> None:
@@ -59,6 +64,8 @@ class Peers:
                 await asyncio.wait_for(self._wake.wait(), self._poll_s)
             self._wake.clear()
             try:
+                heard, self._heard = list(self._heard), set()
+                await self._meet(heard)
                 if rounds % self._discover_every == 0:
                     await self._discover()
                 await self.catch_up()
@@ -70,12 +77,18 @@ class Peers:
 
     async def _discover(self) -> None:
         heads = await self._pipeline.store.log_heads()
-        new = [n for n in heads if n != self._node and n not in self.taken]
-        if new:
-            log.info("found nodes %s", ", ".join(new))
-            for node in new:
-                self.taken[node] = 0
-            await self._pipeline.owners.load_server_ids()
+        await self._meet([n for n in heads if n != self._node])
+
+    async def _meet(self, nodes: list[NodeId]) -> None:
+        """Start following nodes not followed yet, from the start of their logs."""
+        new = [n for n in nodes if n not in self.taken]
+        if not new:
+            return
+        log.info("following nodes %s", ", ".join(new))
+        for node in new:
+            self.taken[node] = 0
+        self._pipeline.other_nodes = True
+        await self._pipeline.owners.load_server_ids()
 
     async def catch_up(self) -> int:
         """Deliver every entry other nodes committed past what was taken; returns how many."""

@@ -100,6 +100,7 @@ class Pipeline:
         self.compaction_due: set[RecordKey] = set()
         self.record_writes = Buckets("record", record_rate)
         self.rule_settings = rule_settings
+        self.other_nodes = False  # set once another node writes the same database
 
     async def push(
         self,
@@ -116,6 +117,7 @@ class Pipeline:
 
         async def attempt(recs: dict[RecordKey, LiveRecord]) -> list[ItemResult]:
             await self.owners.preload(tenant, _clients(checked))
+            _not_discarded(recs)
             merge = self._merge_all(actor, model, checked, recs)
             merge.batch.quarantine += [self._quarantined(actor, c) for c in quarantine]
             if remember is not None:
@@ -128,7 +130,7 @@ class Pipeline:
     async def _attempts(self, keys: list[RecordKey], attempt: Attempt[T]) -> T:
         """Run `attempt` on the pinned records; again on fresh ones if another node moved them."""
         for n in range(1, MERGE_ATTEMPTS + 1):
-            recs = await self.live.pin_many(keys)
+            recs = await self._pin_current(keys)
             try:
                 return await attempt(recs)
             except RecordConflict:
@@ -138,6 +140,26 @@ class Pipeline:
             finally:
                 self.live.unpin(recs.values())
         raise AssertionError("unreachable")
+
+    async def _pin_current(self, keys: list[RecordKey]) -> dict[RecordKey, LiveRecord]:
+        """Pin the records, reloading any that another node has written past our copy.
+
+        Without this, a device that wrote through one node and then syncs through
+        another could be answered from a copy that lacks its own acknowledged write.
+        """
+        recs = await self.live.pin_many(keys)
+        if not self.other_nodes or not recs:
+            return recs
+        for _ in range(2):
+            stored = await self.store.record_versions(recs)
+            stale = [r for k, r in recs.items() if stored.get(k, 0) > r.version]
+            if not stale:
+                break
+            for rec in stale:
+                self.live.poison(rec)
+            self.live.unpin(recs.values())
+            recs = await self.live.pin_many(keys)
+        return recs
 
     # -- reads of live records (for sockets that hold a record open) ---------
 
@@ -162,9 +184,10 @@ class Pipeline:
         model = get_model(key.domain)
 
         async def attempt(recs: dict[RecordKey, LiveRecord]) -> ItemResult:
+            _not_discarded(recs)
             rec = recs.get(key)
-            if rec is None or rec.poisoned:
-                raise ApiError(ErrorCode.STORAGE_UNAVAILABLE, "the record is reloading; retry")
+            if rec is None:
+                raise ApiError(ErrorCode.STORAGE_UNAVAILABLE, "the record cannot be loaded")
             if not _visible(rec, actor):
                 raise ApiError(ErrorCode.NOT_FOUND, "no such record")
             merge = _Merge()
@@ -496,6 +519,13 @@ class Pipeline:
                 listener(committed)
             except Exception:  # noqa: BLE001 - one broken subscriber must not fail a commit
                 log.exception("fan-out listener failed")
+
+
+def _not_discarded(recs: dict[RecordKey, LiveRecord]) -> None:
+    """Before merging: a record discarded while we waited (another request's commit lost a
+    race, or another node's entries did not follow it) is merged again once reloaded."""
+    if any(rec.poisoned for rec in recs.values()):
+        raise RecordConflict("a record was reloaded while this request waited")
 
 
 def _clients(checked: list[_Checked]) -> set[int]:

@@ -89,6 +89,11 @@ class Store(abc.ABC):
     async def get_record(self, key: RecordKey) -> RecordRow | None:
         """One record row, without its log."""
 
+    async def record_versions(self, keys: Iterable[RecordKey]) -> dict[RecordKey, int]:
+        """The stored version of each record given (records not stored are absent)."""
+        rows = [await self.get_record(k) for k in dict.fromkeys(keys)]
+        return {r.key: r.version for r in rows if r is not None}
+
     @abc.abstractmethod
     async def read_log(
         self,

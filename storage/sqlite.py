@@ -360,6 +360,21 @@ class SQLiteStore(Store):
             out[row.key] = StoredRecord(row, tail)
         return out
 
+    async def record_versions(self, keys: Iterable[RecordKey]) -> dict[RecordKey, int]:
+        by_scope: dict[tuple[str, str], set[str]] = {}
+        for k in keys:
+            by_scope.setdefault((k.tenant, k.domain), set()).add(k.record_id)
+        versions: dict[RecordKey, int] = {}
+        for (tenant, domain), ids in by_scope.items():
+            for chunk in _chunks(sorted(ids), 500):
+                rows = await self._read(
+                    "SELECT record_id, version FROM records WHERE tenant = ? AND domain = ?"
+                    f" AND record_id IN ({','.join('?' * len(chunk))})",
+                    (tenant, domain, *chunk),
+                )
+                versions.update({RecordKey(tenant, domain, str(r)): int(v) for r, v in rows})
+        return versions
+
     async def get_record(self, key: RecordKey) -> RecordRow | None:
         rows = await self._read(
             f"SELECT {_RECORD_COLUMNS} FROM records"

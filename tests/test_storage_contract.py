@@ -241,3 +241,13 @@ async def test_two_nodes_share_a_database(store_factory) -> None:
     assert [e.update for e in entries] == [b"from-b"] and not more
     rec = (await a.load_records([KEY]))[KEY]
     assert rec.row.version == 2 and [e.update for e in rec.tail] == [b"from-a", b"from-b"]
+
+
+async def test_record_versions(store: Store) -> None:
+    other = RecordKey("t1", "activity", "rec-2")
+    await store.commit(_write(KEY, 1))
+    await store.commit(_write(KEY, 2))
+    await store.commit(_write(other, 1))
+    missing = RecordKey("t1", "activity", "nope")
+    foreign = RecordKey("t2", "activity", KEY.record_id)
+    assert await store.record_versions([KEY, other, missing, foreign, KEY]) == {KEY: 2, other: 1}
