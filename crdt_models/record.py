@@ -17,10 +17,8 @@ Root types of a record doc:
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any, TypeAlias
 
 from pycrdt import Array, Doc, Map, Text, XmlElement, XmlFragment, XmlText
@@ -64,22 +62,39 @@ class NonScalar:
 
 HistoryEntry = Mapping[str, object] | NonScalar
 
-_EMPTY: Mapping[str, object] = MappingProxyType({})
 
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RecordState:
     """A record's content as the constraints see it: scalars and NonScalar markers.
 
     ``has_history`` says the model keeps a ``history`` array, so that
     ``materialize`` can show an empty history as ``[]`` without the model.
     ``meta`` is the server's metadata map (read one level, like ``fields``).
+
+    Every cached record keeps one, so it is built for the garbage collector: the maps and
+    history entries are plain dicts, which CPython does not track while they hold only
+    scalars, so a state costs a full collection one object (two with a history), not one
+    per map and entry. They are read-only by contract (typed ``Mapping``): nothing may
+    change a state in place.
     """
 
     fields: Mapping[str, object]
     history: tuple[HistoryEntry, ...] = ()
     has_history: bool = False
-    meta: Mapping[str, object] = field(default_factory=lambda: _EMPTY)
+    meta: Mapping[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if type(self.fields) is not dict:
+            object.__setattr__(self, "fields", dict(self.fields))
+        if type(self.meta) is not dict:
+            object.__setattr__(self, "meta", dict(self.meta))
+        history = self.history
+        if type(history) is not tuple or not all(type(e) is dict for e in history):
+            object.__setattr__(self, "history", tuple(_plain_entry(e) for e in history))
+
+
+def _plain_entry(entry: HistoryEntry) -> HistoryEntry:
+    return entry if isinstance(entry, (dict, NonScalar)) else dict(entry)
 
 
 def new_doc(client_id: int | None = None) -> RecordDoc:
@@ -87,29 +102,19 @@ def new_doc(client_id: int | None = None) -> RecordDoc:
     return Doc() if client_id is None else Doc(client_id=client_id)
 
 
-_ROOTS: weakref.WeakKeyDictionary[RecordDoc, dict[str, Any]] = weakref.WeakKeyDictionary()
-
-
 def root_map(doc: RecordDoc, name: str) -> Map[object]:
-    """The root Map `name` of a record doc, looked up once per doc.
+    """The root Map `name` of a record doc.
 
-    `doc.get(name, type=Map)` opens a write transaction every time; merges read roots
-    several times each, so the objects are kept (weakly, with the doc).
+    Looked up on every call, never kept per doc: a few microseconds (less inside an open
+    transaction), where keeping the root types cost every cached record a dozen more
+    objects for the garbage collector to walk (and a kept `Map` refers to its doc).
     """
-    roots = _ROOTS.setdefault(doc, {})
-    ymap = roots.get(name)
-    if ymap is None:
-        ymap = roots[name] = doc.get(name, type=Map)
-    return ymap  # type: ignore[no-any-return]
+    return doc.get(name, type=Map)  # type: ignore[no-any-return]
 
 
 def root_array(doc: RecordDoc, name: str) -> Array[object]:
-    """The root Array `name` of a record doc, looked up once per doc."""
-    roots = _ROOTS.setdefault(doc, {})
-    array = roots.get(name)
-    if array is None:
-        array = roots[name] = doc.get(name, type=Array)
-    return array  # type: ignore[no-any-return]
+    """The root Array `name` of a record doc, looked up on every call (see `root_map`)."""
+    return doc.get(name, type=Array)  # type: ignore[no-any-return]
 
 
 def read_state(doc: RecordDoc, model: DomainModel) -> RecordState:
@@ -119,8 +124,7 @@ def read_state(doc: RecordDoc, model: DomainModel) -> RecordState:
         fields = read_map(root_map(doc, FIELDS_ROOT))
         meta = read_map(root_map(doc, META_ROOT))
         history = _read_history(root_array(doc, HISTORY_ROOT)) if keeps_history else ()
-    meta_view = MappingProxyType(meta) if meta else _EMPTY
-    return RecordState(MappingProxyType(fields), history, keeps_history, meta_view)
+    return RecordState(fields, history, keeps_history, meta)
 
 
 def read_map(ymap: Map[object]) -> dict[str, object]:
@@ -154,9 +158,9 @@ def _read_history(array: Array[object]) -> tuple[HistoryEntry, ...]:
 def _history_entry(raw: object) -> HistoryEntry:
     """A Y.Map entry, or a plain JSON object entry (``yarray.push([{...}])``), read one level."""
     if isinstance(raw, Map):
-        return MappingProxyType(read_map(raw))
+        return read_map(raw)
     if isinstance(raw, dict):
-        return MappingProxyType({str(k): scalar_or_marker(v) for k, v in raw.items()})
+        return {str(k): scalar_or_marker(v) for k, v in raw.items()}
     marker = scalar_or_marker(raw)
     return marker if isinstance(marker, NonScalar) else NonScalar(type(raw).__name__.lower())
 

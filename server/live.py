@@ -39,7 +39,7 @@ def digest(update: bytes) -> bytes:
     return hashlib.blake2b(update, digest_size=16).digest()
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class LiveRecord:
     key: RecordKey
     doc: Doc[Any]
@@ -69,6 +69,11 @@ class LiveRecord:
         if self.pending and self.sv != before:
             self._retry_pending()
         return self.sv
+
+    def capture(self, event: TransactionEvent) -> None:
+        """The doc's observer (a bound method: a closure would cost every cached record
+        two more objects for the garbage collector to walk)."""
+        self.captured.append(event.update)
 
     def hold_pending(self, update: bytes) -> None:
         if len(self.pending) < MAX_HELD_PENDING:
@@ -216,7 +221,7 @@ class LiveRecords:
     def _new(self, key: RecordKey) -> LiveRecord:
         doc = records.new_doc(client_id=self._client_id)
         rec = LiveRecord(key=key, doc=doc)
-        rec.subscription = doc.observe(lambda event: _capture(rec, event))
+        rec.subscription = doc.observe(rec.capture)
         return rec
 
     def _build(self, key: RecordKey, stored: StoredRecord | None) -> LiveRecord:
@@ -315,10 +320,6 @@ def _resolve(fut: asyncio.Future[LiveRecord], exc: BaseException) -> None:
     if not fut.done():
         fut.set_exception(exc)
         fut.exception()  # mark retrieved: each waiter re-raises it itself
-
-
-def _capture(rec: LiveRecord, event: TransactionEvent) -> None:
-    rec.captured.append(event.update)
 
 
 def _by_record(entries: Sequence[LogEntry]) -> dict[RecordKey, list[LogEntry]]:
