@@ -22,6 +22,7 @@ from crdt_models import record as records
 from crdt_models.context import Geofence, RuleSettings
 from storage import RecordKey, open_store
 
+from . import gctune
 from .auth import mint_token, resolve_public_key, resolve_secret
 from .compaction import compact_due
 from .config import Config, SocketSettings
@@ -152,6 +153,15 @@ def _serve_options(serve: argparse.ArgumentParser) -> None:
     )
     _env_option(
         serve,
+        "--gc-tune",
+        "FIELDSYNC_GC_TUNE",
+        parse_switch,
+        "on",
+        "on: freeze long-lived objects so full garbage collections stay short"
+        " (see server/gctune.py); off: Python's defaults",
+    )
+    _env_option(
+        serve,
         "--sockets-per-device",
         "FIELDSYNC_SOCKETS_PER_DEVICE",
         int,
@@ -210,6 +220,15 @@ def parse_size(value: str) -> int:
     return int(number) * units[unit]
 
 
+def parse_switch(value: str) -> bool:
+    text = value.strip().lower()
+    if text in ("on", "1", "true", "yes"):
+        return True
+    if text in ("off", "0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on or off, not {value!r}")
+
+
 def _limit_memory(limit: int) -> None:
     if limit <= 0:
         return
@@ -257,6 +276,8 @@ def _serve(args: argparse.Namespace) -> None:
         print(_welcome(args, source), flush=True)
 
     app.on_startup.append(banner)
+    if args.gc_tune:
+        gctune.tune(app)
     web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
 
 
