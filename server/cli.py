@@ -26,6 +26,7 @@ from . import gctune
 from .auth import mint_token, resolve_public_key, resolve_secret
 from .compaction import compact_due
 from .config import Config, SocketSettings
+from .handshake import HandshakeSettings, guard_app
 from .ratelimit import Rate, RateSettings
 from .records_api import iso, record_json
 
@@ -150,6 +151,24 @@ def _serve_options(serve: argparse.ArgumentParser) -> None:
         "4GiB",
         "address-space ceiling of the process, e.g. 2GiB (0: none); an allocation"
         " past it fails at once instead of taking the machine",
+    )
+    _env_option(
+        serve,
+        "--head-timeout",
+        "FIELDSYNC_HEAD_TIMEOUT",
+        float,
+        "10",
+        "seconds a new connection has to send its first complete request head (0: no limit);"
+        " slower ones are answered 408 and closed",
+    )
+    _env_option(
+        serve,
+        "--max-pending-connections",
+        "FIELDSYNC_MAX_PENDING_CONNECTIONS",
+        int,
+        "1000",
+        "connections that may wait for their first complete request head at once (0: no"
+        " cap); past it the oldest waiting one is closed",
     )
     _env_option(
         serve,
@@ -278,7 +297,9 @@ def _serve(args: argparse.Namespace) -> None:
     app.on_startup.append(banner)
     if args.gc_tune:
         gctune.tune(app)
-    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
+    guard = HandshakeSettings(args.head_timeout, args.max_pending_connections)
+    loop = guard_app(app, guard) if guard.head_timeout_s > 0 or guard.max_pending > 0 else None
+    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None, loop=loop)
 
 
 def _welcome(args: argparse.Namespace, secret_source: str) -> str:
