@@ -18,7 +18,9 @@ __all__ = [
 def open_store(db: str) -> Store:
     """The Store for a `--db` value: a PostgreSQL URL or a SQLite file path."""
     if db.startswith(("postgres://", "postgresql://")):
-        raise StorageError("the PostgreSQL backend is not available in this version yet")
+        from .postgres import PostgresStore
+
+        return PostgresStore(db)
     from .sqlite import SQLiteStore
 
     return SQLiteStore(db)
