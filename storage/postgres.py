@@ -699,6 +699,20 @@ class PostgresStore(Store):
             out[row.key] = StoredRecord(row, tail)
         return out
 
+    async def record_versions(self, keys: Iterable[RecordKey]) -> dict[RecordKey, int]:
+        wanted = sorted(set(keys))
+        versions: dict[RecordKey, int] = {}
+        for i in range(0, len(wanted), LOAD_CHUNK):
+            rows = await self._fetch(
+                "SELECT r.tenant, r.domain, r.record_id, r.version"
+                " FROM unnest($1::text[], $2::text[], $3::text[]) AS k(tenant, domain, record_id)"
+                " JOIN records r"
+                " ON r.tenant = k.tenant AND r.domain = k.domain AND r.record_id = k.record_id",
+                *_key_columns(wanted[i : i + LOAD_CHUNK]),
+            )
+            versions.update({RecordKey(t, d, r): int(v) for t, d, r, v in rows})
+        return versions
+
     async def get_record(self, key: RecordKey) -> RecordRow | None:
         rows = await self._fetch(
             f"SELECT {_RECORD_COLUMNS} FROM records"
