@@ -13,8 +13,8 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from .base import RecordConflict, StorageUnavailable
-from .types import Position, WriteBatch
+from .base import RecordConflict, StorageError, StorageUnavailable
+from .types import NodeId, Position, WriteBatch
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,20 @@ class GroupCommitter:
             _, fut = self._queue.get_nowait()
             self._queue.task_done()
             _fail(fut, failure)
+
+
+class GroupCommitted:
+    """`Store.commit` for a backend whose writes all go through one GroupCommitter."""
+
+    _committer: GroupCommitter | None
+    _node: NodeId | None
+
+    async def commit(self, batch: WriteBatch) -> list[Position]:
+        if self._committer is None:
+            raise StorageUnavailable("the store is not open")
+        if batch.entries and self._node is None:
+            raise StorageError("register_node() must run before entries are appended")
+        return await self._committer.submit(batch)
 
 
 def _failure(exc: Exception) -> StorageUnavailable:

@@ -29,7 +29,7 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped]
 
 from .base import CommitNotice, RecordConflict, StorageError, StorageUnavailable, Store
-from .group_commit import GroupCommitter, GroupPolicy
+from .group_commit import GroupCommitted, GroupCommitter, GroupPolicy
 from .postgres_schema import MIGRATION_LOCK, MIGRATIONS, SCHEMA_VERSION, SCHEMA_VERSION_TABLE
 from .types import (
     IdempotencyRow,
@@ -95,7 +95,7 @@ _JOINED_COLUMNS = ", ".join(
 )
 
 
-class PostgresStore(Store):
+class PostgresStore(GroupCommitted, Store):
     shared = True
 
     def __init__(
@@ -388,13 +388,6 @@ class PostgresStore(Store):
         return frozenset(int(r[0]) for r in rows)
 
     # -- writes ------------------------------------------------------------
-
-    async def commit(self, batch: WriteBatch) -> list[Position]:
-        if self._committer is None:
-            raise StorageUnavailable("the store is not open")
-        if batch.entries and self._node is None:
-            raise StorageError("register_node() must run before entries are appended")
-        return await self._committer.submit(batch)
 
     async def _write_group(self, batches: Sequence[WriteBatch]) -> list[list[Position]]:
         try:

@@ -16,7 +16,7 @@ from typing import Any
 import aiosqlite
 
 from .base import RecordConflict, StorageError, StorageUnavailable, Store
-from .group_commit import GroupCommitter, GroupPolicy
+from .group_commit import GroupCommitted, GroupCommitter, GroupPolicy
 from .sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 from .types import (
     IdempotencyRow,
@@ -47,7 +47,7 @@ _JOINED_COLUMNS = ", ".join(
 )
 
 
-class SQLiteStore(Store):
+class SQLiteStore(GroupCommitted, Store):
     def __init__(self, path: str | Path, policy: GroupPolicy | None = None) -> None:
         self.path = Path(path)
         self._policy = policy or GroupPolicy()
@@ -142,13 +142,6 @@ class SQLiteStore(Store):
         return frozenset(int(r[0]) for r in rows)
 
     # -- writes ------------------------------------------------------------
-
-    async def commit(self, batch: WriteBatch) -> list[Position]:
-        if self._committer is None:
-            raise StorageUnavailable("the store is not open")
-        if batch.entries and self._node is None:
-            raise StorageError("register_node() must run before entries are appended")
-        return await self._committer.submit(batch)
 
     async def _write_group(self, batches: Sequence[WriteBatch]) -> list[list[Position]]:
         conn = self._conn(self._writer)
