@@ -46,6 +46,16 @@ class Metrics:
         self.live_feeds = Gauge(
             "fieldsync_live_feeds", "Live change feeds (socket subscriptions)", registry=r
         )
+        self.merge_retries = Gauge(
+            "fieldsync_merge_retries",
+            "Merges done again since start: another node wrote the record first",
+            registry=r,
+        )
+        self.peer_entries = Gauge(
+            "fieldsync_peer_entries",
+            "Log entries read from other nodes since start (and fanned out here)",
+            registry=r,
+        )
         self.live_records = Gauge(
             "fieldsync_live_records", "Record docs held in memory", registry=r
         )

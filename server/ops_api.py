@@ -37,4 +37,6 @@ async def metrics(request: web.Request) -> web.Response:
     svc.metrics.live_records.set(len(svc.live))
     svc.metrics.open_sockets.set(len(svc.sockets))
     svc.metrics.live_feeds.set(svc.hub.feed_count())
+    svc.metrics.merge_retries.set(svc.pipeline.merge_retries)
+    svc.metrics.peer_entries.set(svc.pipeline.peer_entries)
     return web.Response(body=svc.metrics.render(), content_type="text/plain")

@@ -101,8 +101,7 @@ class Peers:
                 if not entries:
                     break
                 self.taken[node] = entries[-1].position.seq
-                self._pipeline.live.refresh(entries)
-                self._pipeline.publish(entries)
+                self._pipeline.take_remote(entries)
                 delivered += len(entries)
                 if len(entries) < self._page:
                     break

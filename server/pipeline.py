@@ -101,6 +101,8 @@ class Pipeline:
         self.record_writes = Buckets("record", record_rate)
         self.rule_settings = rule_settings
         self.other_nodes = False  # set once another node writes the same database
+        self.merge_retries = 0
+        self.peer_entries = 0
 
     async def push(
         self,
@@ -136,6 +138,7 @@ class Pipeline:
             except RecordConflict:
                 if n == MERGE_ATTEMPTS:
                     raise
+                self.merge_retries += 1
                 log.info("records moved on elsewhere; merging again (attempt %d)", n + 1)
             finally:
                 self.live.unpin(recs.values())
@@ -511,6 +514,12 @@ class Pipeline:
                 for pos, e in zip(positions, batch.entries)
             ]
         )
+
+    def take_remote(self, committed: Sequence[LogEntry]) -> None:
+        """Entries another node committed: bring cached docs forward, then fan them out."""
+        self.peer_entries += len(committed)
+        self.live.refresh(committed)
+        self.publish(committed)
 
     def publish(self, committed: Sequence[LogEntry]) -> None:
         """Hand committed entries (this node's or another's) to every live subscriber."""

@@ -122,6 +122,8 @@ async def test_a_device_on_one_node_sees_the_other_nodes_changes_live(node: Node
         await device.recv(timeout=10)
     assert time.monotonic() - started < 10
     await ws.close()
+    metrics = await (await a.get("/metrics")).text()
+    assert "fieldsync_peer_entries 1.0" in metrics
 
 
 async def test_a_cursor_from_one_node_resumes_on_the_other(node: Node) -> None:
