@@ -1,29 +1,34 @@
-"""Garbage-collector policy of a serving process: full collections that stay short.
+"""Garbage-collector policy of a serving process: no long collection pauses.
 
 CPython's full (generation-2) collection walks every tracked object while the event loop
 waits. A server's old generation is mostly objects that live as long as the process
-(modules, routes, the app) and the records of the live-record cache: walking them found
+(modules, routes, the app) and the records of the live-record cache: walking them finds
 nothing to free, and cost every tenant's requests 60-400 ms at a time. So:
 
 1. **Freeze after start-up.** Everything alive once the app is up is moved to the
    permanent generation (`gc.freeze`), which collections never walk.
-2. **Freeze what survives a full collection.** Right after one, every tracked object has
-   just been proved reachable and the younger generations are empty, so freezing then
-   freezes no garbage. The next full collection walks only what was promoted since.
+2. **Freeze what survives.** After every generation-1 or full collection, the younger
+   generations are empty and the old one holds only what that collection just found
+   reachable: it is frozen too. The old generation so stays nearly empty, a full
+   collection is as short as a young one, and no collection walks more than the
+   survivors of ten young ones (a few thousand objects, a few milliseconds).
    A frozen object still dies by reference counting as soon as nothing refers to it:
-   an evicted cached record is freed that way (a record holds no reference cycle;
+   an evicted cached record is freed that way (it holds no reference cycle;
    tests/test_gc_tuning.py keeps it so).
 3. **Bounded.** A frozen object that later becomes part of an unreachable reference
-   cycle is not reclaimed until it is unfrozen. When the frozen generation has grown to
-   `growth` times its size after the last *deep* collection, one deep collection
-   (unfreeze, collect everything, freeze again) reclaims such cycles: a pause as long
-   as an untuned full collection, at most once per doubling of the heap.
-4. **Fewer young collections.** The generation-0 threshold is raised from 700, so fewer
-   short-lived objects (a request in flight) are caught alive, promoted and frozen.
+   cycle (a request in flight when it was frozen, say) is only reclaimed once unfrozen.
+   When the frozen generation has doubled since the last *deep* collection and holds
+   `min_deep_objects`, or the process's RSS has doubled and reached `min_deep_rss`, one
+   deep collection (unfreeze, collect everything, freeze again) reclaims them: a pause as
+   long as an untuned full collection, at most once per doubling. Under the
+   noisy-neighbour bench such cycles came to about a thousand objects a minute.
+
+The generation thresholds stay Python's: a larger generation-0 threshold lets more
+objects survive into each generation-1 collection (52 ms ones at 10000, measured).
 
 `fieldsync serve` applies it (`--gc-tune off` leaves Python's defaults); apps built in a
 test process are left alone. `gc.callbacks` may run in any thread (the collector runs in
-whichever thread allocated); a deep collection is handed to the event loop.
+whichever thread allocated); the deep collection is handed to the event loop.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -40,46 +46,42 @@ from aiohttp import web
 
 log = logging.getLogger(__name__)
 
-FULL = 2
-
 
 @dataclass(frozen=True, slots=True)
 class GcSettings:
-    young_threshold: int = 10_000  # generation-0 collections: Python's default is 700
-    growth: float = 2.0  # a deep collection when the frozen generation has grown this much
-    min_deep_objects: int = 200_000  # ... and holds at least this many objects
+    growth: float = 2.0  # a deep collection when frozen objects or RSS grew this much...
+    min_deep_objects: int = 1_000_000  # ... and there are at least this many frozen objects
+    min_deep_rss: int = 1 << 30  # ... or at least this many bytes resident
+    check_every_s: float = 10.0  # counting frozen objects walks them all (ms per 100k)
 
 
 class GcTuning:
-    """The policy, installed on the running loop; `uninstall` restores what it changed."""
+    """The policy, installed on the running loop; `uninstall` undoes it."""
 
     def __init__(self, settings: GcSettings = GcSettings()) -> None:
         self.settings = settings
-        self.full_collections = 0
+        self.freezes = 0
         self.deep_collections = 0
         self.deep_frozen = 0  # frozen objects after the last deep collection
+        self.deep_rss = 0  # RSS after the last deep collection
         self._loop: asyncio.AbstractEventLoop | None = None
         self._deep_scheduled = False
-        self._thresholds: tuple[int, int, int] | None = None
+        self._checked_at = 0.0
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Freeze what is alive now and keep freezing after every full collection."""
+        """Freeze what is alive now and keep freezing what survives collections."""
         if self._loop is not None:
             return
         self._loop = loop
-        self._thresholds = gc.get_threshold()
-        _, middle, old = self._thresholds
-        gc.set_threshold(self.settings.young_threshold, middle, old)
         started = time.perf_counter()
         gc.collect()
         gc.freeze()
-        self.deep_frozen = gc.get_freeze_count()
+        self.deep_frozen, self.deep_rss = gc.get_freeze_count(), rss_bytes()
         gc.callbacks.append(self._on_gc)
         log.info(
-            "gc: froze %d start-up objects in %.0f ms; generation-0 threshold %d",
+            "gc: froze %d start-up objects in %.0f ms",
             self.deep_frozen,
             (time.perf_counter() - started) * 1000,
-            self.settings.young_threshold,
         )
 
     def uninstall(self) -> None:
@@ -89,23 +91,32 @@ class GcTuning:
         self._loop = None
         if self._on_gc in gc.callbacks:
             gc.callbacks.remove(self._on_gc)
-        if self._thresholds is not None:
-            gc.set_threshold(*self._thresholds)
         gc.unfreeze()
 
     def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
-        if phase != "stop" or info["generation"] != FULL:
+        if phase != "stop" or info["generation"] == 0:
             return
-        self.full_collections += 1
-        gc.freeze()  # everything tracked was just found reachable; younger generations are empty
-        if not self._deep_scheduled and gc.get_freeze_count() > self.deep_limit():
+        gc.freeze()  # the younger generations are empty: only survivors are frozen
+        self.freezes += 1
+        now = time.monotonic()
+        if self._deep_scheduled or now - self._checked_at < self.settings.check_every_s:
+            return
+        self._checked_at = now
+        if self.deep_due():
             loop = self._loop
             if loop is not None and not loop.is_closed():
                 self._deep_scheduled = True
                 loop.call_soon_threadsafe(self.deep_collect)
 
     def deep_limit(self) -> int:
+        """Frozen objects past which a deep collection is due."""
         return max(int(self.deep_frozen * self.settings.growth), self.settings.min_deep_objects)
+
+    def deep_due(self) -> bool:
+        if gc.get_freeze_count() > self.deep_limit():
+            return True
+        rss_limit = max(int(self.deep_rss * self.settings.growth), self.settings.min_deep_rss)
+        return rss_bytes() > rss_limit
 
     def deep_collect(self) -> None:
         """Collect everything, frozen objects too, then freeze the survivors again."""
@@ -116,7 +127,7 @@ class GcTuning:
         started = time.perf_counter()
         gc.unfreeze()
         gc.collect()  # freezes in _on_gc
-        self.deep_frozen = gc.get_freeze_count()
+        self.deep_frozen, self.deep_rss = gc.get_freeze_count(), rss_bytes()
         self.deep_collections += 1
         log.info(
             "gc: deep collection of %d frozen objects in %.0f ms; %d remain",
@@ -124,6 +135,15 @@ class GcTuning:
             (time.perf_counter() - started) * 1000,
             self.deep_frozen,
         )
+
+
+def rss_bytes() -> int:
+    """The process's resident set size (0 where /proc is not available)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 GC_TUNING = web.AppKey("gc_tuning", GcTuning)

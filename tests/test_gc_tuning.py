@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,7 +23,7 @@ from crdt_models import record as records
 from crdt_models.registry import get_model
 from server.app import create_app
 from server.config import Config, Limits
-from server.gctune import GcSettings, GcTuning
+from server.gctune import GcSettings, GcTuning, rss_bytes
 from server.live import LiveRecords
 from server.services import SERVICES
 from storage import RecordKey
@@ -47,7 +46,10 @@ async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
 
 @pytest.fixture
 async def policy() -> AsyncIterator[GcTuning]:
-    tuning = GcTuning(GcSettings(young_threshold=5_000, growth=1.2, min_deep_objects=20_000))
+    settings = GcSettings(
+        growth=1.2, min_deep_objects=20_000, min_deep_rss=1 << 50, check_every_s=0
+    )
+    tuning = GcTuning(settings)
     tuning.install(asyncio.get_running_loop())
     try:
         yield tuning
@@ -58,11 +60,6 @@ async def policy() -> AsyncIterator[GcTuning]:
 def tracked() -> int:
     """Every object the collector knows of, frozen ones included."""
     return len(gc.get_objects()) + gc.get_freeze_count()
-
-
-def rss_bytes() -> int:
-    with open(f"/proc/{os.getpid()}/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 async def touch(live: LiveRecords, keys: list[RecordKey]) -> None:
@@ -175,7 +172,7 @@ async def test_memory_is_bounded_under_the_policy(
         gc.collect()  # and the policy freezes what survived it
         samples.append((tracked(), rss_bytes()))
     assert len(client.app[SERVICES].live) <= 20
-    assert policy.full_collections >= 12
+    assert policy.freezes >= 12
     settled_objects, settled_rss = samples[3]
     final_objects, final_rss = samples[-1]
     # 2700 more record loads after the sample: one leaked object each would show
@@ -214,3 +211,11 @@ async def test_a_deep_collection_reclaims_frozen_cycles(policy: GcTuning) -> Non
     reclaimed = frozen + 2 * len(alive) - gc.get_freeze_count()
     assert reclaimed >= gap // 4  # the dead cycles are gone
     assert all(node.other.other is node for node in alive)
+
+
+async def test_a_deep_collection_is_due_when_rss_doubled(policy: GcTuning) -> None:
+    assert not policy.deep_due()
+    policy.deep_rss = rss_bytes() // 3  # as if the process had tripled since the last one
+    assert rss_bytes() > 0 and not policy.deep_due()  # below min_deep_rss
+    policy.settings = GcSettings(growth=1.2, min_deep_objects=20_000, min_deep_rss=0)
+    assert policy.deep_due()
