@@ -20,8 +20,8 @@ nothing to free, and cost every tenant's requests 60-400 ms at a time. So:
    When the frozen generation has doubled since the last *deep* collection and holds
    `min_deep_objects`, or the process's RSS has doubled and reached `min_deep_rss`, one
    deep collection (unfreeze, collect everything, freeze again) reclaims them: a pause as
-   long as an untuned full collection, at most once per doubling. Under the
-   noisy-neighbour bench such cycles came to about a thousand objects a minute.
+   long as an untuned full collection, at most once per doubling. Such cycles came to
+   under a thousand objects over a whole noisy-neighbour bench run.
 
 The generation thresholds stay Python's: a larger generation-0 threshold lets more
 objects survive into each generation-1 collection (52 ms ones at 10000, measured).
