@@ -187,6 +187,14 @@ def _serve_options(serve: argparse.ArgumentParser) -> None:
         "4",
         "open device sockets per device",
     )
+    _env_option(
+        serve,
+        "--tenant-merges",
+        "FIELDSYNC_TENANT_MERGES",
+        int,
+        str(RateSettings().tenant_in_flight),
+        "sync requests of one tenant merged at once (the rest queue behind them)",
+    )
 
 
 def _env_option(
@@ -270,6 +278,7 @@ def _serve(args: argparse.Namespace) -> None:
         args.rate_tenant,
         args.sockets_per_device,
         args.rate_record,
+        tenant_in_flight=args.tenant_merges,
     )
     rules = RuleSettings(
         clock_skew=timedelta(seconds=args.clock_skew),
