@@ -1,11 +1,20 @@
 """What every fieldsync benchmark shares.
 
 - realistic activity (task) records and the edits a technician makes to them;
-- one ``fieldsync serve`` child process on a temporary SQLite file (127.0.0.1, a port below
-  32768, ``FIELDSYNC_JWT_SECRET`` set, rate limits lifted unless the caller passes its own
-  ``FIELDSYNC_RATE_*``), stopped by its own PID only, temp dir always removed;
+- ``fieldsync serve`` child processes (127.0.0.1, each on its own port below 32768, each with
+  its own ``--node-id bench-node-<i>``, one ``FIELDSYNC_JWT_SECRET``, rate limits lifted
+  unless the caller passes its own ``FIELDSYNC_RATE_*``), stopped by their own PIDs only,
+  temp dirs always removed;
+- their database (``--db``): a temporary SQLite file (``sqlite``, the default), a throwaway
+  PostgreSQL cluster started for the run from tests/pg_cluster.py with fsync ON (``pg``), or
+  a PostgreSQL server the user gives (``postgresql://…``: a fresh database is created on it
+  for every group of nodes and dropped afterwards; only databases the bench created are
+  ever dropped); ``--nodes N`` nodes share it;
 - JWTs signed with the same secret;
-- process and machine resources read from /proc: RSS (VmRSS, peak VmHWM), CPU seconds;
+- process and machine resources read from /proc: RSS (VmRSS, peak VmHWM), CPU seconds, summed
+  over every node, and the CPU of a throwaway cluster's postgres processes (the postmaster,
+  its live children and the children it has reaped);
+- the side-by-side table of ``--compare`` (SQLite vs PostgreSQL, 1 vs 2 nodes);
 - percentiles, py-spy sampling and a summary of its raw stacks;
 - a plain-text table and a JSON results file.
 
@@ -15,8 +24,12 @@ on ``sys.path``; multiprocessing's spawned children inherit that path).
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import contextlib
 import functools
+import importlib.util
+import inspect
 import json
 import os
 import random
@@ -24,11 +37,14 @@ import resource
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -130,6 +146,31 @@ def proc_cpu_seconds(pid: int) -> float:
     return sum(proc_cpu_split(pid))
 
 
+def proc_tree_cpu_seconds(root: int) -> float:
+    """CPU seconds of `root`, of its live children, and of the children it has reaped.
+
+    For a postmaster: every postgres process (backends, WAL writer, checkpointer...) is its
+    child; a backend that ended during a window moved its CPU into the postmaster's
+    cutime/cstime, so it is counted once before it ended and once after.
+    """
+    with open(f"/proc/{root}/stat") as fh:
+        stat = fh.read()
+    own = stat[stat.rindex(")") + 2 :].split()
+    ticks = sum(int(x) for x in own[11:15])  # utime stime cutime cstime
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue  # it ended meanwhile
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[1]) == root:
+            ticks += sum(int(x) for x in fields[11:15])
+    return ticks / CLK_TCK
+
+
 def proc_runqueue_seconds(pid: int) -> float:
     """Seconds the process's threads spent runnable but waiting for a CPU (schedstat field 2).
 
@@ -171,33 +212,49 @@ def loadavg() -> str:
 
 @dataclass(slots=True)
 class CpuWindow:
-    """Server CPU and the machine's busy CPU over one measured window."""
+    """Server CPU (summed over every node), the database server's CPU when it is a local
+    throwaway cluster (`db_pid`: its postmaster), and the machine's busy CPU over a window."""
 
-    pid: int
+    pid: int | Sequence[int]
+    db_pid: int | None = None
     server0: float = 0.0
     sys0: float = 0.0
     busy0: float = 0.0
     wait0: float = 0.0
+    db0: float = 0.0
     t0: float = 0.0
     server_s: float = 0.0
     server_sys_s: float = 0.0  # of server_s, in the kernel (syscalls: socket sends, fsync)
     busy_s: float = 0.0
     wait_s: float = 0.0  # the server's threads runnable but not running (CPU contention)
+    db_s: float = 0.0  # the database server's processes (0 when not measured)
     wall_s: float = 0.0
 
+    @property
+    def pids(self) -> tuple[int, ...]:
+        return (self.pid,) if isinstance(self.pid, int) else tuple(self.pid)
+
+    def _server(self) -> tuple[float, float]:
+        splits = [proc_cpu_split(p) for p in self.pids]
+        return sum(u + s for u, s in splits), sum(s for _, s in splits)
+
+    def _db(self) -> float:
+        return proc_tree_cpu_seconds(self.db_pid) if self.db_pid else 0.0
+
     def start(self) -> CpuWindow:
-        user, system = proc_cpu_split(self.pid)
-        self.server0, self.sys0 = user + system, system
+        self.server0, self.sys0 = self._server()
+        self.db0 = self._db()
         self.busy0 = machine_busy_seconds()
-        self.wait0 = proc_runqueue_seconds(self.pid)
+        self.wait0 = sum(proc_runqueue_seconds(p) for p in self.pids)
         self.t0 = time.perf_counter()
         return self
 
     def stop(self) -> CpuWindow:
-        user, system = proc_cpu_split(self.pid)
-        self.server_s, self.server_sys_s = user + system - self.server0, system - self.sys0
+        total, system = self._server()
+        self.server_s, self.server_sys_s = total - self.server0, system - self.sys0
+        self.db_s = self._db() - self.db0
         self.busy_s = machine_busy_seconds() - self.busy0
-        self.wait_s = proc_runqueue_seconds(self.pid) - self.wait0
+        self.wait_s = sum(proc_runqueue_seconds(p) for p in self.pids) - self.wait0
         self.wall_s = time.perf_counter() - self.t0
         return self
 
@@ -208,12 +265,18 @@ class CpuWindow:
 
     @property
     def server_pct(self) -> float:
-        """Share of ONE core the server used over the window."""
+        """Share of ONE core the server (all nodes together) used over the window."""
         return self.server_s / self.wall_s * 100 if self.wall_s else 0.0
 
+    @property
+    def db_pct(self) -> float:
+        """Share of ONE core the database server's processes used (0: not measured)."""
+        return self.db_s / self.wall_s * 100 if self.wall_s else 0.0
+
     def others_pct(self, ours_s: float) -> float:
-        """Share of one core used by everything but the server and `ours_s` CPU seconds."""
-        others = self.busy_s - self.server_s - ours_s
+        """Share of one core used by everything but the server, the database server and
+        `ours_s` CPU seconds."""
+        others = self.busy_s - self.server_s - self.db_s - ours_s
         return max(0.0, others) / self.wall_s * 100 if self.wall_s else 0.0
 
 
@@ -234,11 +297,14 @@ def raise_nofile_limit(wanted: int | None = None) -> int:
 # ---------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A free TCP port below the ephemeral range (32768+), where client sockets live."""
+def free_port(taken: frozenset[int] | set[int] = frozenset()) -> int:
+    """A free TCP port below the ephemeral range (32768+), where client sockets live
+    (and not one of `taken`: ports already handed to processes that have not bound yet)."""
     rng = random.Random()
     for _ in range(200):
         port = rng.randrange(20000, 32000)
+        if port in taken:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
@@ -248,9 +314,11 @@ def free_port() -> int:
     raise RuntimeError("no free port found below 32768")
 
 
-def server_command(db: Path, port: int) -> list[str]:
+def server_command(db: Path | str, port: int, node_id: str | None = None) -> list[str]:
     script = Path(sys.executable).with_name("fieldsync")
     args = ["serve", "--db", str(db), "--host", "127.0.0.1", "--port", str(port)]
+    if node_id:
+        args += ["--node-id", node_id]
     if script.exists():
         return [str(script), *args]
     return [
@@ -262,8 +330,10 @@ def server_command(db: Path, port: int) -> list[str]:
 
 
 class Server:
-    """One `fieldsync serve` process on a temporary SQLite file; stopped by its own PID.
+    """One `fieldsync serve` process; stopped by its own PID.
 
+    Its database is `workdir/bench.db` (SQLite) unless `database` names another (a SQLite
+    path several nodes share, or a PostgreSQL URL); `node_id` is passed as ``--node-id``.
     `src`: a folder holding server/, storage/, crdt_models/ to import instead of the installed
     code (A/B a patch). `nofile`: the child's open-file soft limit (each socket is one file).
     `env`: extra environment variables for the child, applied last (e.g. real rate limits:
@@ -276,13 +346,19 @@ class Server:
         src: Path | None = None,
         nofile: int | None = None,
         env: Mapping[str, str] | None = None,
+        *,
+        database: str | None = None,
+        node_id: str | None = None,
+        port: int | None = None,
     ) -> None:
         self.workdir = workdir
         self.src = src
         self.nofile = nofile
         self.extra_env = dict(env or {})
         self.db = workdir / "bench.db"
-        self.port = free_port()
+        self.database = database or str(self.db)
+        self.node_id = node_id
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -295,7 +371,7 @@ class Server:
     def start(self, timeout_s: float = 30.0) -> None:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                server_command(self.db, self.port),
+                server_command(self.database, self.port, self.node_id),
                 env=self._env(),
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -379,6 +455,20 @@ class Server:
             self.proc.kill()
             return self.proc.wait(timeout_s)
 
+    def metric(self, name: str) -> dict[str, float]:
+        """The samples of one metric in GET /metrics: {label text: value} (empty if down)."""
+        try:
+            with urllib.request.urlopen(self.url + "/metrics", timeout=10) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return {}
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith(name) and not line.startswith(name + "_created"):
+                key, _, value = line.rpartition(" ")
+                out[key[len(name) :]] = float(value)
+        return out
+
     def log_problems(self, limit: int = 5) -> tuple[int, list[str]]:
         """How many WARNING/ERROR/Traceback lines the server logged, and the first few."""
         try:
@@ -416,6 +506,553 @@ def running_server(
                 print(f"server exited with {code}:\n{server.log_tail()}")
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------
+# the database, and several nodes on it
+# ---------------------------------------------------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PG_URL_PREFIXES = ("postgresql://", "postgres://")
+# The test suite's throwaway cluster skips disk flushes (fsync off); a bench measures what a
+# deployment pays for durability, so its cluster flushes like production. Lines appended to
+# postgresql.conf after initdb override the earlier ones.
+BENCH_PG_SETTINGS = {"fsync": "on", "full_page_writes": "on", "synchronous_commit": "on"}
+PG_SHOWN = ("server_version", "fsync", "synchronous_commit", "full_page_writes", "wal_sync_method")
+
+
+def parse_db(value: str) -> str:
+    """argparse type of --db: "sqlite", "pg" (a throwaway cluster) or a postgresql:// URL."""
+    text = value.strip()
+    if text.lower() == "sqlite":
+        return "sqlite"
+    if text.lower() in ("pg", "postgres", "postgresql"):
+        return "pg"
+    if text.startswith(PG_URL_PREFIXES):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"expected sqlite, pg (a throwaway PostgreSQL cluster) or a postgresql:// URL,"
+        f" not {value!r}"
+    )
+
+
+def db_kind(spec: str) -> str:
+    return "sqlite" if spec == "sqlite" else "postgresql"
+
+
+def safe_url(url: str) -> str:
+    """A database URL with its password masked, for printing."""
+    parts = urllib.parse.urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def with_database(url: str, name: str) -> str:
+    """The same server URL (user, host, options) naming another database."""
+    return urllib.parse.urlunsplit(urllib.parse.urlsplit(url)._replace(path="/" + name))
+
+
+def load_pg_cluster() -> Any:
+    """tests/pg_cluster.py, loaded from its file (tests/ is no package a bench can import)."""
+    name = "fieldsync_bench_pg_cluster"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = REPO_ROOT / "tests" / "pg_cluster.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _asyncpg() -> Any:
+    """asyncpg, imported when a bench first talks to PostgreSQL (the server's driver)."""
+    import asyncpg  # type: ignore[import-untyped]
+
+    return asyncpg
+
+
+def _pg_ident(name: str) -> str:
+    if not name.replace("_", "").isalnum() or not name.isascii():
+        raise ValueError(f"not a plain database name: {name!r}")
+    return f'"{name}"'
+
+
+class Databases:
+    """Where each group of bench nodes keeps its data; `fresh()` gives every group new tables.
+
+    - ``sqlite``: ``bench.db`` in the group's temp dir (every node of the group opens it);
+    - ``pg``: a throwaway cluster (tests/pg_cluster.py), started at the first `fresh()` with
+      fsync ON (see BENCH_PG_SETTINGS) and removed by `close()`; a new database per group;
+    - ``postgresql://…``: a new database ``fieldsync_bench_<hex>`` on that server per group
+      (CREATE DATABASE), dropped by `release()` unless `keep`. If the role may not create
+      databases, the URL's own database is used instead, once, and only if it holds no table.
+      Nothing the bench did not create is ever dropped.
+    """
+
+    def __init__(self, spec: str, keep: bool = False) -> None:
+        self.spec = spec
+        self.kind = db_kind(spec)
+        self.keep = keep
+        self.cluster: Any = None
+        self.settings: dict[str, str] = {}  # PG_SHOWN, read from the server
+        self._created: dict[str, str] = {}  # URL -> name of databases created on a given server
+        self._given_used = False
+
+    def __enter__(self) -> Databases:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the throwaway cluster (by its own postmaster) and remove its files."""
+        cluster, self.cluster = self.cluster, None
+        if cluster is not None:
+            cluster.cleanup()
+
+    @property
+    def label(self) -> str:
+        return "SQLite" if self.kind == "sqlite" else "PostgreSQL"
+
+    def describe(self) -> str:
+        if self.kind == "sqlite":
+            return f"SQLite (a file in {tempfile.gettempdir()}, WAL, synchronous=FULL)"
+        where = (
+            "a throwaway cluster on 127.0.0.1"
+            if self.spec == "pg"
+            else f"a fresh database on {safe_url(self.spec)}"
+        )
+        if self.cluster is not None and self.cluster.base is not None:
+            where += f" in {self.cluster.base}"
+        shown = ", ".join(f"{k}={v}" for k, v in self.settings.items())
+        return f"PostgreSQL, {where}" + (f" ({shown})" if shown else "")
+
+    def postmaster_pid(self) -> int | None:
+        """The throwaway cluster's postmaster (every postgres process is its child)."""
+        if self.cluster is None:
+            return None
+        try:
+            return int((self.cluster.data_dir / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def fresh(self, workdir: Path) -> str:
+        """A database no node has used yet: a SQLite path or a PostgreSQL URL."""
+        if self.kind == "sqlite":
+            return str(workdir / "bench.db")
+        name = f"fieldsync_bench_{uuid.uuid4().hex[:12]}"
+        if self.spec == "pg":
+            return str(self._throwaway().create_database(name))
+        url = asyncio.run(self._create_on_server(name))
+        if not self.settings:
+            self.settings = asyncio.run(self._show(url))
+        return url
+
+    def release(self, database: str) -> None:
+        """Drop a database this object created on the user's server (never any other)."""
+        name = self._created.pop(database, None)
+        if name is None or self.keep:
+            return
+        try:
+            asyncio.run(self._execute(self.spec, f"DROP DATABASE IF EXISTS {_pg_ident(name)}"))
+        except Exception as exc:  # noqa: BLE001 - the run's results stand; say what is left
+            print(f"warning: could not drop the bench database {name}: {exc}; drop it by hand")
+
+    def _throwaway(self) -> Any:
+        if self.cluster is not None:
+            return self.cluster
+        module = load_pg_cluster()
+        options: dict[str, Any] = {"port": free_port()}
+        if "parent_dir" in inspect.signature(module.PostgresCluster).parameters:
+            # the suite's cluster lives in /dev/shm when it can; a bench's must be on the
+            # disk, as the SQLite file is, or its fsyncs cost nothing
+            options["parent_dir"] = Path(tempfile.gettempdir())
+        cluster = module.PostgresCluster(**options)
+        try:
+            cluster.init()
+            with (cluster.data_dir / "postgresql.conf").open("a") as conf:
+                conf.write("\n# bench/common.py: a bench measures durable commits\n")
+                conf.writelines(f"{k} = {v}\n" for k, v in BENCH_PG_SETTINGS.items())
+            cluster.start()
+            self.settings = {k: cluster.psql(f"SHOW {k}").strip() for k in PG_SHOWN}
+        except BaseException:
+            cluster.cleanup()
+            raise
+        if self.settings.get("fsync") != "on":
+            cluster.cleanup()
+            raise RuntimeError(f"the bench cluster runs with fsync={self.settings.get('fsync')}")
+        self.cluster = cluster
+        return cluster
+
+    async def _create_on_server(self, name: str) -> str:
+        asyncpg = _asyncpg()
+        conn = await asyncpg.connect(self.spec, timeout=10)
+        try:
+            try:
+                await conn.execute(f"CREATE DATABASE {_pg_ident(name)}")
+            except asyncpg.PostgresError as exc:
+                return await self._given_if_empty(conn, exc)
+        finally:
+            await conn.close()
+        url = with_database(self.spec, name)
+        self._created[url] = name
+        return url
+
+    async def _given_if_empty(self, conn: Any, exc: Exception) -> str:
+        tables = await conn.fetchval(
+            "SELECT count(*) FROM pg_catalog.pg_tables"
+            " WHERE schemaname NOT IN ('pg_catalog', 'information_schema')"
+        )
+        if tables == 0 and not self._given_used:
+            self._given_used = True
+            print(f"note: CREATE DATABASE failed ({exc}); using the given (empty) database")
+            return self.spec
+        why = "was used by an earlier phase" if self._given_used else f"holds {tables} tables"
+        raise RuntimeError(
+            f"cannot create a fresh database on {safe_url(self.spec)} ({type(exc).__name__}:"
+            f" {exc}), and the given database {why}. Every group of bench nodes needs fresh"
+            " tables: connect as a role with CREATEDB, or pass the URL of an EMPTY database"
+            " (one per bench run, and a run of a single phase/configuration)."
+        )
+
+    @staticmethod
+    async def _show(url: str) -> dict[str, str]:
+        asyncpg = _asyncpg()
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            return {k: str(await conn.fetchval(f"SHOW {k}")) for k in PG_SHOWN}
+        finally:
+            await conn.close()
+
+    @staticmethod
+    async def _execute(url: str, sql: str) -> None:
+        asyncpg = _asyncpg()
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+
+class Nodes:
+    """`count` fieldsync nodes (`bench-node-<i>`, one port each) on one database.
+
+    Device i talks to node i % count (`url_for`, `port_for`). /proc readings are sums over
+    every node; `db_pid` (a throwaway cluster's postmaster) adds the database server's CPU.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        database: str,
+        count: int,
+        src: Path | None = None,
+        nofile: int | None = None,
+        env: Mapping[str, str] | None = None,
+        db_pid: int | None = None,
+    ) -> None:
+        if count < 1:
+            raise ValueError("at least one node")
+        self.database = database
+        self.db_pid = db_pid
+        self.servers: list[Server] = []
+        taken: set[int] = set()
+        for i in range(count):
+            taken.add(port := free_port(taken))
+            nodedir = workdir / f"node-{i}"
+            nodedir.mkdir()
+            node = Server(
+                nodedir, src, nofile, env, database=database, node_id=f"bench-node-{i}", port=port
+            )
+            self.servers.append(node)
+
+    # -- who is where ------------------------------------------------------------
+
+    @property
+    def count(self) -> int:
+        return len(self.servers)
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.database.startswith(PG_URL_PREFIXES)
+
+    @property
+    def db(self) -> Path:
+        """The SQLite file (only meaningful on SQLite)."""
+        return Path(self.database)
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return tuple(s.url for s in self.servers)
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return tuple(s.port for s in self.servers)
+
+    @property
+    def pids(self) -> tuple[int, ...]:
+        return tuple(s.pid for s in self.servers)
+
+    @property
+    def url(self) -> str:
+        return self.servers[0].url
+
+    @property
+    def pid(self) -> int:
+        """Node 0's PID (what a profiler samples)."""
+        return self.servers[0].pid
+
+    def url_for(self, device: int) -> str:
+        return self.servers[device % self.count].url
+
+    def describe(self) -> str:
+        where = safe_url(self.database) if self.is_postgres else self.database
+        nodes = ", ".join(f"{s.node_id} pid {s.pid} on :{s.port}" for s in self.servers)
+        return f"{self.count} node{'s' if self.count > 1 else ''} ({nodes}); db {where}"
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        """Start the nodes one after the other (the first creates the schema)."""
+        for server in self.servers:
+            server.start(timeout_s)
+
+    def stop(self) -> list[int | None]:
+        """SIGTERM each node by its own PID (SIGKILL if it lingers); their exit codes."""
+        return [server.stop() for server in self.servers]
+
+    def alive(self) -> bool:
+        return all(s.alive() for s in self.servers)
+
+    # -- resources (sums over the nodes) -----------------------------------------
+
+    def cpu_window(self) -> CpuWindow:
+        return CpuWindow(self.pids, self.db_pid)
+
+    def cpu_seconds(self) -> float:
+        return sum(s.cpu_seconds() for s in self.servers)
+
+    def db_cpu_seconds(self) -> float:
+        """The throwaway cluster's CPU seconds so far (0.0 when it is not ours to read)."""
+        return proc_tree_cpu_seconds(self.db_pid) if self.db_pid else 0.0
+
+    def rss_mb(self) -> float:
+        return sum(s.rss_mb() for s in self.servers)
+
+    def peak_rss_mb(self) -> float:
+        """Sum of each node's peak (an upper bound of the nodes' peak together)."""
+        return sum(s.peak_rss_mb() for s in self.servers)
+
+    def open_fds(self) -> int:
+        return sum(s.open_fds() for s in self.servers)
+
+    def nofile_limit(self) -> int:
+        return min(s.nofile_limit() for s in self.servers)
+
+    def http_errors(self) -> dict[str, float]:
+        """Error answers by code, summed over the nodes' /metrics (call before stop())."""
+        out: Counter[str] = Counter()
+        for server in self.servers:
+            for labels, value in server.metric("fieldsync_http_errors_total").items():
+                code = labels.partition('code="')[2].partition('"')[0] or labels
+                out[code] += int(value)
+        return {k: v for k, v in out.items() if v}
+
+    def metric_total(self, name: str) -> float:
+        """One metric of /metrics, summed over its labels and the nodes (before stop())."""
+        return sum(sum(s.metric(name).values()) for s in self.servers)
+
+    def multi_node_counts(self) -> dict[str, float]:
+        """Merges done again because another node wrote the record first, and log entries
+        read from other nodes (0 on one node)."""
+        return {
+            "merge_retries": self.metric_total("fieldsync_merge_retries"),
+            "peer_entries": self.metric_total("fieldsync_peer_entries"),
+        }
+
+    def log_problems(self, limit: int = 5) -> tuple[int, list[str]]:
+        """WARNING/ERROR/Traceback lines of every node's log: how many, and the first few."""
+        count, first = 0, []
+        for server in self.servers:
+            n, lines = server.log_problems(limit)
+            count += n
+            first += [f"[{server.node_id}] {x}" for x in lines]
+        return count, first[:limit]
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(f"--- {s.node_id}:\n{s.log_tail(lines)}" for s in self.servers)
+
+    def log_rows_by_tenant(self) -> dict[str, int]:
+        """Log rows per tenant in the database (call after stop(): what survived)."""
+        if not self.is_postgres:
+            return sqlite_log_rows_by_tenant(self.db)
+        return asyncio.run(self._pg_log_rows())
+
+    async def _pg_log_rows(self) -> dict[str, int]:
+        asyncpg = _asyncpg()
+        conn = await asyncpg.connect(self.database, timeout=10)
+        try:
+            rows = await conn.fetch("SELECT tenant, count(*) FROM log GROUP BY tenant")
+            return {r[0]: int(r[1]) for r in rows}
+        finally:
+            await conn.close()
+
+
+def sqlite_log_rows_by_tenant(db: Path) -> dict[str, int]:
+    """Log rows per tenant in a SQLite file (read-only)."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return dict(conn.execute("SELECT tenant, count(*) FROM log GROUP BY tenant").fetchall())
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def running_nodes(
+    databases: Databases,
+    count: int = 1,
+    src: Path | None = None,
+    nofile: int | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Iterator[Nodes]:
+    """`count` started nodes on a fresh database of `databases`, in a fresh temp dir; the
+    nodes are stopped (by their PIDs), a database the bench created on a given server is
+    dropped and the dir removed however the block ends. Call `nodes.stop()` inside the block
+    to read the database after a clean shutdown."""
+    workdir = Path(tempfile.mkdtemp(prefix="fieldsync-bench-"))
+    database: str | None = None
+    nodes: Nodes | None = None
+    try:
+        database = databases.fresh(workdir)
+        nodes = Nodes(workdir, database, count, src, nofile, env, databases.postmaster_pid())
+        nodes.start()
+        yield nodes
+    finally:
+        try:
+            if nodes is not None:
+                for server, code in zip(nodes.servers, nodes.stop()):
+                    if code not in (0, None, -signal.SIGTERM):
+                        print(f"{server.node_id} exited with {code}:\n{server.log_tail()}")
+        finally:
+            try:
+                if database is not None:
+                    databases.release(database)
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------
+# --db, --nodes, --compare
+# ---------------------------------------------------------------------------------------
+
+DEFAULT_CONFIGS = "sqlite:1,pg:1,pg:2"
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """One configuration of a comparison: the database kind and the number of nodes."""
+
+    kind: str  # "sqlite" | "postgresql"
+    nodes: int
+
+    @property
+    def label(self) -> str:
+        db = "SQLite" if self.kind == "sqlite" else "PG"
+        return f"{db} {self.nodes} node{'s' if self.nodes > 1 else ''}"
+
+    @property
+    def key(self) -> str:
+        return f"{'sqlite' if self.kind == 'sqlite' else 'pg'}:{self.nodes}"
+
+
+def parse_configs(text: str) -> list[Backend]:
+    """`sqlite:1,pg:1,pg:2` -> backends (pg: PostgreSQL, from --db if it is a URL)."""
+    out = []
+    for part in (x.strip() for x in text.split(",")):
+        if not part:
+            continue
+        kind, _, count = part.partition(":")
+        if kind not in ("sqlite", "pg") or not count.isdigit() or int(count) < 1:
+            raise argparse.ArgumentTypeError(f"a config is sqlite:N or pg:N, not {part!r}")
+        out.append(Backend("sqlite" if kind == "sqlite" else "postgresql", int(count)))
+    if not out:
+        raise argparse.ArgumentTypeError("no configuration given")
+    return out
+
+
+def add_backend_options(p: argparse.ArgumentParser) -> None:
+    """--db, --nodes, --keep-db, --compare and --configs, the same in every bench."""
+    p.add_argument(
+        "--db",
+        type=parse_db,
+        default="sqlite",
+        help="sqlite (a temporary file; default), pg (a throwaway PostgreSQL cluster,"
+        " fsync on) or postgresql://USER@HOST/DB (a fresh database is created on that server"
+        " for every group of nodes, and dropped after it)",
+    )
+    p.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="fieldsync nodes on the one database (device i talks to node i %% N)",
+    )
+    p.add_argument(
+        "--keep-db",
+        action="store_true",
+        help="with a postgresql:// --db: keep the databases the bench created",
+    )
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="run the same phases for every --configs entry and print one side-by-side table",
+    )
+    p.add_argument(
+        "--configs",
+        type=parse_configs,
+        default=parse_configs(DEFAULT_CONFIGS),
+        help=f"what --compare runs (default {DEFAULT_CONFIGS}; pg uses --db if it is a URL,"
+        " else a throwaway cluster; sqlite:2 also works but is not a supported deployment)",
+    )
+
+
+def check_backend_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.nodes < 1:
+        p.error("--nodes must be at least 1")
+    if args.compare and args.nodes != 1:
+        p.error("--compare runs the node counts of --configs; leave --nodes out")
+
+
+@contextlib.contextmanager
+def backend_databases(args: argparse.Namespace) -> Iterator[dict[str, Databases]]:
+    """{"sqlite": …, "postgresql": …}: where each kind of backend gets its fresh databases
+    (PostgreSQL from --db when it is a URL, else one throwaway cluster, started when first
+    needed and stopped at the end)."""
+    pg_spec = args.db if args.db != "sqlite" else "pg"
+    with Databases("sqlite") as lite, Databases(pg_spec, keep=args.keep_db) as pg:
+        yield {"sqlite": lite, "postgresql": pg}
+
+
+def print_side_by_side(
+    title: str, labels: Sequence[str], rows: Sequence[tuple[str, Sequence[str]]]
+) -> list[str]:
+    """A table with one row per measure and one column per configuration; its lines."""
+    first = max([len("measure"), *(len(name) for name, _ in rows)])
+    widths = [max(12, len(label)) for label in labels]
+    lines = [title, "measure".ljust(first) + "".join(f"  {x:>{w}}" for x, w in zip(labels, widths))]
+    lines.append("-" * len(lines[-1]))
+    for name, cells in rows:
+        if not cells:  # a section heading
+            lines.append(name)
+            continue
+        lines.append(name.ljust(first) + "".join(f"  {c:>{w}}" for c, w in zip(cells, widths)))
+    print("\n".join(lines))
+    return lines
 
 
 def mint(tenant: str, bus: Sequence[str] = ("*",), user: str = "bench-user") -> str:

@@ -2,9 +2,10 @@
 
 What it does
 ------------
-1. Starts a real server process (``fieldsync serve`` on a temporary SQLite file, 127.0.0.1,
-   a port below 32768; its per-device/user/tenant rate limits lifted: this measures capacity)
-   and waits for ``GET /healthz``.
+1. Starts ``--nodes`` real server processes (``fieldsync serve``, 127.0.0.1, each on its own
+   port below 32768 with ``--node-id bench-node-<i>``; per-device/user/tenant rate limits
+   lifted: this measures capacity) on one ``--db`` (a temporary SQLite file by default; see
+   "Backends and nodes") and waits for each one's ``GET /healthz``.
 2. **Ingest**, one phase per batch size (``--batches 1,10,100,1000``): ``--clients`` worker
    processes, each driving ``--devices`` simulated devices (one aiohttp session each, one
    request in flight per device) that ``POST /api/v1/sync/activity/sync`` for ``--duration``
@@ -15,27 +16,44 @@ What it does
    base64) request bodies *before* the timed window, so generation is not measured.
    The server answers only after the group commit of the batch, so
    ``updates/s = items answered created|merged / wall seconds`` is a *durable* rate. After the
-   server stops, the log rows of each phase's tenant are counted in the SQLite file and must
-   equal the acknowledged items.
+   nodes stop, the log rows of each phase's tenant are counted in the database (the SQLite
+   file or the PostgreSQL database) and must equal the acknowledged items.
 3. **Catch-up**: ``--catchup-records`` records (created + ``--catchup-edits`` edits each) are
    loaded into their own tenant; then one fresh device fetches all of them
    (a) by paging ``GET /api/v1/sync/activity/changes?limit=L`` (L = 1000 and 5000) and
    (b) by state-vector push (items carrying only ``state_vector = b"\\x00"``, 1000 per request).
    Each result is verified: applying every received update to empty pycrdt docs must give
    exactly the expected records and fields (a mismatch fails the run, loudly). The records
-   were just written, so they are in the server's record cache: this is a warm catch-up.
-   ``apply s`` is the client's pycrdt time, reported apart from the fetch time.
+   were just written, so they are in the server's record cache: this is a warm catch-up
+   (with several nodes, warm only on the node that wrote each record). ``apply s`` is the
+   client's pycrdt time, reported apart from the fetch time.
 4. **Server resources**: RSS (``/proc/<pid>/status`` VmRSS; peak = VmHWM) at start and after
    every phase; server CPU (utime+stime of all its threads, ``/proc/<pid>/stat``) per phase,
-   reported as CPU-µs per record-update. Load-generator CPU is reported too: the clients
-   share the machine's cores with the server.
+   reported as CPU-µs per record-update. Both are sums over every node. On a throwaway
+   PostgreSQL cluster (``--db pg``) the CPU of its processes is reported apart (``db``).
+   Load-generator CPU is reported too: the clients share the machine's cores with the server.
 5. ``--profile``: samples the server with py-spy (``py-spy record --format raw``, stacks kept in
-   ``bench/results/http_sync_profile.txt``) during the 100-item-batch phase (``--profile-batch``)
+   ``bench/results/http_sync_profile.txt``; node 0 only) during the 100-item-batch phase
+   (``--profile-batch``)
    and prints the top functions by own time plus a coarse "where the time goes" breakdown.
    py-spy's sampling itself costs CPU, so the throughput of a profiled run is lower; shares
    are of busy samples of all server threads (the aiosqlite threads run SQLite in C).
 6. ``--server-src DIR`` runs the server from another copy of ``server/``, ``storage/`` and
    ``crdt_models/`` (via PYTHONPATH), to A/B a patch against the installed code.
+
+Backends and nodes
+------------------
+``--db sqlite`` (default): a temporary SQLite file. ``--db pg``: a throwaway PostgreSQL
+cluster (tests/pg_cluster.py) in the temporary directory on disk, with fsync and
+full_page_writes ON (the test suite's cluster turns them off), removed at the end.
+``--db postgresql://USER@HOST/DB``: a fresh database is created on that server for the run
+and dropped after it (``--keep-db`` keeps it); without the right to create one, pass an
+empty database. ``--nodes N``: N nodes on that one database; device i talks to node i % N
+(``--spread request``: each request goes to the next node, as behind a balancer without
+stickiness, so every record is created through one node and edited through the others).
+``--compare``: the same phases for every ``--configs`` entry (default
+``sqlite:1,pg:1,pg:2``), each on fresh nodes and a fresh database, then one side-by-side
+table; results in ``bench/results/http_sync_compare.json``.
 
 Reading the table
 -----------------
@@ -46,8 +64,10 @@ how fast the server would be with the cores to itself (1e6 / µs = updates/s per
 ``srv CPU %`` and ``cli CPU %``: share of ONE core used by the server and by all load
 generators over the phase (both are on the same machine); ``oth CPU %``: what other processes
 on the machine used meanwhile (anything well above 0 means the numbers are disturbed).
+``db µs/upd``, ``db CPU%``: the same for the throwaway PostgreSQL cluster's processes ("-" when
+not measured: SQLite runs inside the server process, a given server's processes are not ours).
 ``RSS MB``: server RSS after the phase. ``acked`` / ``logged``: items answered created|merged
-and the log rows found for the phase's tenant in the SQLite file after the server stopped.
+and the log rows found for the phase's tenant in the database after the nodes stopped.
 
 Run ``python bench/http_sync.py --quick`` for a < 30 s smoke run; results go to
 ``bench/results/http_sync.json`` (``--out``).
@@ -61,7 +81,6 @@ import base64
 import json
 import multiprocessing as mp
 import random
-import sqlite3
 import sys
 import threading
 import time
@@ -77,11 +96,18 @@ import msgpack
 from common import (
     BASE_TIME,
     RESULTS_DIR,
+    Backend,
     Column,
     CpuWindow,
+    Databases,
+    Nodes,
     Profiler,
-    Server,
+    add_backend_options,
+    backend_databases,
+    check_backend_options,
     classify,
+    code_version,
+    db_kind,
     jsonable_settings,
     loadavg,
     machine_info,
@@ -89,7 +115,9 @@ from common import (
     new_task_fields,
     own_cpu_seconds,
     percentile,
-    running_server,
+    print_side_by_side,
+    running_nodes,
+    sqlite_log_rows_by_tenant,
     summarize_profile,
     table_head,
     table_row,
@@ -229,9 +257,16 @@ class PhaseSpec:
     open_tasks: int
     edits: int
     use_json: bool
-    url: str
+    urls: tuple[str, ...]  # one per node
     token: str
     client_id_base: int
+    spread: str = "device"  # "device": device i -> node i % N; "request": + 1 per request
+
+
+def node_url(urls: Sequence[str], device: int, request: int, spread: str) -> str:
+    """The node a device's request goes to: device i talks to node i % N ("device"), or
+    moves to the next node with every request ("request": a balancer without stickiness)."""
+    return urls[(device + (request if spread == "request" else 0)) % len(urls)]
 
 
 @dataclass(slots=True)
@@ -258,7 +293,7 @@ class WorkerResult:
                 self.error(f"item answered {item['status']}: {item.get('error')}")
 
 
-Plan = tuple[str, list[tuple[bytes, int]]]  # a device's id and its request bodies
+Plan = tuple[str, int, list[tuple[bytes, int]]]  # a device's id, number and request bodies
 
 
 def worker_main(spec: PhaseSpec, index: int, barrier: Any, results: Any) -> None:
@@ -285,7 +320,7 @@ def _device_plan(spec: PhaseSpec, worker: int, device: int) -> Plan:
     updates = device_updates(
         client_id, client_id, spec.items_per_device, spec.open_tasks, spec.edits
     )
-    return f"{spec.name}-dev-{number}", push_bodies(updates, spec.batch, spec.use_json)
+    return f"{spec.name}-dev-{number}", number, push_bodies(updates, spec.batch, spec.use_json)
 
 
 async def drive(spec: PhaseSpec, index: int, plans: list[Plan]) -> WorkerResult:
@@ -294,15 +329,18 @@ async def drive(spec: PhaseSpec, index: int, plans: list[Plan]) -> WorkerResult:
     cpu0, t0 = own_cpu_seconds(), time.perf_counter()
     deadline = t0 + spec.duration_s
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+    nodes = len(spec.urls)
     sessions = [
-        aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=1))
+        aiohttp.ClientSession(
+            timeout=timeout, connector=aiohttp.TCPConnector(limit=nodes, limit_per_host=1)
+        )
         for _ in plans
     ]
     try:
         await asyncio.gather(
             *(
-                _drive_device(s, spec, device, bodies, deadline, result)
-                for s, (device, bodies) in zip(sessions, plans)
+                _drive_device(s, spec, device, number, bodies, deadline, result)
+                for s, (device, number, bodies) in zip(sessions, plans)
             )
         )
     finally:
@@ -317,15 +355,16 @@ async def _drive_device(
     session: aiohttp.ClientSession,
     spec: PhaseSpec,
     device: str,
+    number: int,
     bodies: list[tuple[bytes, int]],
     deadline: float,
     result: WorkerResult,
 ) -> None:
-    url = f"{spec.url}/api/v1/sync/{DOMAIN}/sync"
     headers = content_headers(spec.token, device, spec.use_json)
-    for body, count in bodies:
+    for request, (body, count) in enumerate(bodies):
         if time.perf_counter() >= deadline:
             return
+        url = f"{node_url(spec.urls, number, request, spec.spread)}/api/v1/sync/{DOMAIN}/sync"
         started = time.perf_counter()
         try:
             async with session.post(url, data=body, headers=headers) as resp:
@@ -380,9 +419,13 @@ class PhaseResult:
     rss_mb_after: float
     other_cpu_pct: float = 0.0  # other processes on the machine during the phase (not ours)
     logged_rows: int | None = None
+    nodes: int = 1
+    db_cpu_s: float = 0.0  # a throwaway PostgreSQL cluster's processes (0: not measured)
+    db_cpu_us_per_update: float = 0.0
+    db_cpu_pct: float = 0.0
 
 
-def run_phase(server: Server, spec: PhaseSpec, profiler: Profiler | None = None) -> PhaseResult:
+def run_phase(server: Nodes, spec: PhaseSpec, profiler: Profiler | None = None) -> PhaseResult:
     """Start the load processes, time them from the common start to their last answer."""
     ctx = mp.get_context("spawn")
     barrier, queue = ctx.Barrier(spec.clients + 1), ctx.Queue()
@@ -396,7 +439,7 @@ def run_phase(server: Server, spec: PhaseSpec, profiler: Profiler | None = None)
         _wait_generated(barrier, queue)
         if profiler is not None:
             profiler.start()
-        window = CpuWindow(server.pid).start()
+        window = server.cpu_window().start()
         raw = [queue.get(timeout=spec.duration_s + REQUEST_TIMEOUT_S + 60) for _ in procs]
         window.stop()
     finally:
@@ -408,6 +451,9 @@ def run_phase(server: Server, spec: PhaseSpec, profiler: Profiler | None = None)
                 p.terminate()
     result = summarize_phase(spec, [WorkerResult(**r) for r in raw], window, server.rss_mb())
     result.other_cpu_pct = window.others_pct(result.client_cpu_s)
+    result.nodes = len(spec.urls)
+    result.db_cpu_s, result.db_cpu_pct = window.db_s, window.db_pct
+    result.db_cpu_us_per_update = window.db_s / result.acked * 1e6 if result.acked else 0.0
     return result
 
 
@@ -481,21 +527,24 @@ class CatchupResult:
     problem: str | None
     server_cpu_s: float
     rss_mb_after: float
+    db_cpu_s: float = 0.0
 
 
 Fetched = tuple[list[tuple[str, bytes]], int, int]  # (record_id, update) pairs, requests, bytes
 
 
 async def load_catchup_records(
-    server: Server,
+    server: Nodes,
     tenant: str,
     token: str,
     n_records: int,
     edits: int,
     devices: int,
     use_json: bool,
+    spread: str,
 ) -> tuple[dict[str, dict[str, Any]], float]:
-    """Create `n_records` records (+ `edits` edits each) over `devices` devices, 1000 per push."""
+    """Create `n_records` records (+ `edits` edits each) over `devices` devices, 1000 per push
+    (device d on node d % N)."""
     expected: dict[str, dict[str, Any]] = {}
     per_device = -(-n_records // devices)
     plans = []
@@ -504,8 +553,12 @@ async def load_catchup_records(
         if records <= 0:
             break
         client_id = 9_000_000 + d
-        updates = device_updates(client_id, client_id, records * (1 + edits), 500, edits, expected)
-        plans.append((f"catchup-loader-{d}", push_bodies(updates, 1000, use_json)))
+        # open records in equal sets (of at most 500), so the device makes exactly `records`
+        open_tasks = max(k for k in range(1, min(records, 500) + 1) if records % k == 0)
+        updates = device_updates(
+            client_id, client_id, records * (1 + edits), open_tasks, edits, expected
+        )
+        plans.append((f"catchup-loader-{d}", d, push_bodies(updates, 1000, use_json)))
     started = time.perf_counter()
     spec = PhaseSpec(
         name="catchup-load",
@@ -518,9 +571,10 @@ async def load_catchup_records(
         open_tasks=500,
         edits=edits,
         use_json=use_json,
-        url=server.url,
+        urls=server.urls,
         token=token,
         client_id_base=0,
+        spread=spread,
     )
     result = await drive(spec, 0, plans)
     acked = result.statuses.get("created", 0) + result.statuses.get("merged", 0)
@@ -557,15 +611,18 @@ def apply_all(updates: list[tuple[str, bytes]]) -> tuple[dict[str, Doc[Any]], fl
 
 async def pull_all(
     session: aiohttp.ClientSession,
-    server: Server,
+    server: Nodes,
     token: str,
     limit: int,
     use_json: bool,
     max_pages: int,
     time_limit_s: float,
+    spread: str,
 ) -> Fetched:
-    """Page the change feed from the start: (record_id, update) pairs, pages, bytes."""
-    url = f"{server.url}/api/v1/sync/{DOMAIN}/changes"
+    """Page the change feed from the start: (record_id, update) pairs, pages, bytes.
+
+    The device is device 0 (node 0); with ``spread == "request"`` each page comes from the
+    next node (a cursor from one node resumes on any other)."""
     headers = content_headers(token, "catchup-phone", use_json)
     cursor: str | None = None
     out: list[tuple[str, bytes]] = []
@@ -573,6 +630,7 @@ async def pull_all(
     deadline = time.perf_counter() + time_limit_s
     while pages < max_pages and time.perf_counter() < deadline:
         params = {"limit": str(limit), **({"cursor": cursor} if cursor else {})}
+        url = f"{node_url(server.urls, 0, pages, spread)}/api/v1/sync/{DOMAIN}/changes"
         async with session.get(url, params=params, headers=headers) as resp:
             raw = await resp.read()
             if resp.status != 200:
@@ -589,13 +647,13 @@ async def pull_all(
 
 async def state_vector_catch_up(
     session: aiohttp.ClientSession,
-    server: Server,
+    server: Nodes,
     token: str,
     record_ids: list[str],
     use_json: bool,
+    spread: str,
 ) -> Fetched:
-    """Ask for every record by an empty state vector, 1000 items per push."""
-    url = f"{server.url}/api/v1/sync/{DOMAIN}/sync"
+    """Ask for every record by an empty state vector, 1000 items per push (device 0)."""
     headers = content_headers(token, "catchup-phone", use_json)
     out: list[tuple[str, bytes]] = []
     requests = received = 0
@@ -603,6 +661,7 @@ async def state_vector_catch_up(
         items = [
             {"record_id": r, "state_vector": b"\x00"} for r in record_ids[start : start + 1000]
         ]
+        url = f"{node_url(server.urls, 0, requests, spread)}/api/v1/sync/{DOMAIN}/sync"
         async with session.post(url, data=pack_body(items, use_json), headers=headers) as resp:
             raw = await resp.read()
             if resp.status != 200:
@@ -617,12 +676,12 @@ async def state_vector_catch_up(
 
 
 async def run_catchup(
-    server: Server, args: argparse.Namespace
+    server: Nodes, args: argparse.Namespace
 ) -> tuple[dict[str, Any], list[CatchupResult]]:
     tenant = "bench-catchup"
     token = mint(tenant)
     expected, load_s = await load_catchup_records(
-        server, tenant, token, args.catchup_records, args.catchup_edits, 4, args.json
+        server, tenant, token, args.catchup_records, args.catchup_edits, 4, args.json, args.spread
     )
     load = {
         "records": len(expected),
@@ -635,19 +694,24 @@ async def run_catchup(
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         for limit in args.pull_limits:
-            fetch = pull_all(session, server, token, limit, args.json, max_pages, 300.0)
+            fetch = pull_all(
+                session, server, token, limit, args.json, max_pages, 300.0, args.spread
+            )
             results.append(await _timed_catchup(server, f"pull limit={limit}", expected, fetch))
-        fetch = state_vector_catch_up(session, server, token, sorted(expected), args.json)
+        fetch = state_vector_catch_up(
+            session, server, token, sorted(expected), args.json, args.spread
+        )
         results.append(await _timed_catchup(server, "state-vector push x1000", expected, fetch))
     return load, results
 
 
 async def _timed_catchup(
-    server: Server, method: str, expected: dict[str, dict[str, Any]], fetch: Any
+    server: Nodes, method: str, expected: dict[str, dict[str, Any]], fetch: Any
 ) -> CatchupResult:
-    cpu0, t0 = server.cpu_seconds(), time.perf_counter()
+    cpu0, db0, t0 = server.cpu_seconds(), server.db_cpu_seconds(), time.perf_counter()
     updates, requests, received = await fetch
     seconds, cpu = time.perf_counter() - t0, server.cpu_seconds() - cpu0
+    db_cpu = server.db_cpu_seconds() - db0
     docs, apply_s = apply_all(updates)
     problem = verify_docs(docs, expected)
     if problem:
@@ -664,6 +728,7 @@ async def _timed_catchup(
         problem=problem,
         server_cpu_s=cpu,
         rss_mb_after=server.rss_mb(),
+        db_cpu_s=db_cpu,
     )
 
 
@@ -726,18 +791,18 @@ def step_of(frames: list[str], thread: str) -> str:
 
 
 def logged_rows_by_tenant(db: Path) -> dict[str, int]:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return dict(conn.execute("SELECT tenant, count(*) FROM log GROUP BY tenant").fetchall())
-    finally:
-        conn.close()
+    """Log rows per tenant in a SQLite file (bench/noisy_neighbour.py uses it too)."""
+    return sqlite_log_rows_by_tenant(db)
 
 
-def check_durability(db: Path, phases: list[PhaseResult]) -> bool:
-    """Fill in logged rows per phase; True if any acked update is missing from the log."""
+def check_durability(nodes: Nodes, phases: list[PhaseResult]) -> bool:
+    """Fill in logged rows per phase; True if any acked update is missing from the log.
+
+    Call after the nodes stopped: the rows are read from the SQLite file or the PostgreSQL
+    database they shared."""
     if not phases:
         return False
-    logged = logged_rows_by_tenant(db)
+    logged = nodes.log_rows_by_tenant()
     failed = False
     for p in phases:
         p.logged_rows = logged.get(p.tenant, 0)
@@ -759,6 +824,8 @@ PHASE_COLUMNS = (
     Column("srv CPU", 8, ".1f", "s"),
     Column("srv µs/upd", 10, ".1f"),
     Column("srv CPU%", 8, ".0f", "%"),
+    Column("db µs/upd", 9),
+    Column("db CPU%", 7),
     Column("cli CPU%", 8, ".0f", "%"),
     Column("oth CPU%", 8, ".0f", "%"),
     Column("RSS MB", 7, ".0f"),
@@ -767,7 +834,7 @@ PHASE_COLUMNS = (
 )
 
 
-def _phase_row(p: PhaseResult) -> tuple[Any, ...]:
+def _phase_row(p: PhaseResult, db_measured: bool) -> tuple[Any, ...]:
     logged = "-" if p.logged_rows is None else str(p.logged_rows)
     return (
         p.batch,
@@ -778,6 +845,8 @@ def _phase_row(p: PhaseResult) -> tuple[Any, ...]:
         p.server_cpu_s,
         p.server_cpu_us_per_update,
         p.server_cpu_pct,
+        f"{p.db_cpu_us_per_update:.1f}" if db_measured else "-",
+        f"{p.db_cpu_pct:.0f}%" if db_measured else "-",
         p.client_cpu_pct,
         p.other_cpu_pct,
         p.rss_mb_after,
@@ -786,11 +855,11 @@ def _phase_row(p: PhaseResult) -> tuple[Any, ...]:
     )
 
 
-def print_phase_table(phases: list[PhaseResult]) -> None:
+def print_phase_table(phases: list[PhaseResult], db_measured: bool) -> None:
     print("\nIngest (durable record-updates; every acked item is committed before the answer)")
     print("\n".join(table_head(PHASE_COLUMNS)))
     for p in phases:
-        print(table_row(PHASE_COLUMNS, _phase_row(p)))
+        print(table_row(PHASE_COLUMNS, _phase_row(p, db_measured)))
         if p.not_acked or p.http_errors or p.first_error:
             print(
                 f"       !! not acked: {p.not_acked}, HTTP errors {p.http_errors}: {p.first_error}"
@@ -809,6 +878,7 @@ CATCHUP_COLUMNS = (
     Column("updates", 8),
     Column("MB recv", 8, ".2f"),
     Column("srv CPU s", 9, ".2f"),
+    Column("db CPU s", 8),
     Column("apply s", 8, ".2f"),
     Column("records", 8),
     Column("ok", 4),
@@ -816,7 +886,9 @@ CATCHUP_COLUMNS = (
 )
 
 
-def print_catchup_table(load: dict[str, Any], results: list[CatchupResult], goal_s: float) -> None:
+def print_catchup_table(
+    load: dict[str, Any], results: list[CatchupResult], goal_s: float, db_measured: bool
+) -> None:
     print(
         f"\nCatch-up of {load['records']} records ({load['entries']} log entries; loaded in"
         f" {load['seconds']:.1f} s) by one fresh device"
@@ -830,6 +902,7 @@ def print_catchup_table(load: dict[str, Any], results: list[CatchupResult], goal
             r.changes,
             r.bytes_received / 1e6,
             r.server_cpu_s,
+            f"{r.db_cpu_s:.2f}" if db_measured else "-",
             r.apply_s,
             r.records,
             "yes" if r.correct else "NO",
@@ -862,54 +935,142 @@ def print_profile(summary: dict[str, Any], out: Path, us_per_update: float | Non
 
 @dataclass(slots=True)
 class Run:
-    """Everything one run measured."""
+    """Everything one run (one backend) measured."""
 
+    backend: Backend
     phases: list[PhaseResult] = field(default_factory=list)
     load: dict[str, Any] = field(default_factory=dict)
     catchup: list[CatchupResult] = field(default_factory=list)
     rss_log: dict[str, float] = field(default_factory=dict)
     profile: dict[str, Any] | None = None
     failed: bool = False
+    error: str | None = None  # the run stopped early: why
+    setup: str = ""  # the nodes and their database
+    db_measured: bool = False  # a throwaway cluster: its CPU is read from /proc
+    http_error_answers: dict[str, float] = field(default_factory=dict)  # nodes' /metrics
+    multi_node: dict[str, float] = field(default_factory=dict)  # merge retries, peer entries
+    log_problems: tuple[int, list[str]] = (0, [])
+    loadavg: str = ""
+    seconds: float = 0.0
 
     def check(self) -> None:
         self.failed |= any(p.not_acked or p.http_errors or p.first_error for p in self.phases)
         self.failed |= any(not r.correct for r in self.catchup)
+        self.failed |= self.error is not None
 
 
-def report(args: argparse.Namespace, run: Run, run_s: float) -> None:
+def report(args: argparse.Namespace, run: Run) -> dict[str, Any]:
+    """Print one run's tables; its JSON payload."""
     print(
-        f"\nfieldsync HTTP sync benchmark — load average at start {args.loadavg},"
-        f" {machine_info()['cores']} cores, {args.clients} load processes x"
+        f"\nfieldsync HTTP sync benchmark, {run.backend.label} — load average at start"
+        f" {run.loadavg}, {machine_info()['cores']} cores, {args.clients} load processes x"
         f" {args.devices} devices, {'JSON' if args.json else 'msgpack'} bodies,"
         f" {args.duration:.0f} s per phase"
     )
+    print(f"{run.setup}; devices spread over the nodes by {args.spread}")
     if run.phases:
-        print_phase_table(run.phases)
+        print_phase_table(run.phases, run.db_measured)
         b100 = [p for p in run.phases if p.batch == 100]
         if b100:
             verdict = "met" if b100[0].updates_per_s >= 10_000 else "NOT met"
             print(f"goal >= 10,000 upd/s at batch 100: {verdict} ({b100[0].updates_per_s:.0f})")
     if run.catchup:
-        print_catchup_table(run.load, run.catchup, args.catchup_goal)
+        print_catchup_table(run.load, run.catchup, args.catchup_goal, run.db_measured)
     print("\nServer RSS (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in run.rss_log.items()))
+    if run.backend.nodes > 1:
+        print(
+            f"Several nodes: {run.multi_node.get('merge_retries', 0):.0f} merges done again"
+            f" (another node wrote the record first), {run.multi_node.get('peer_entries', 0):.0f}"
+            " log entries read from other nodes"
+        )
+    if run.http_error_answers:
+        print(f"!! error answers counted by the nodes (/metrics): {run.http_error_answers}")
+    if run.log_problems[0]:
+        print(f"!! the nodes logged {run.log_problems[0]} warnings/errors: {run.log_problems[1]}")
+    if run.error:
+        print(f"!! the run stopped early: {run.error}")
     if run.profile is not None:
         batch = run.profile["batch"]
         cost = next((p.server_cpu_us_per_update for p in run.phases if p.batch == batch), None)
         print_profile(run.profile, Path(run.profile["raw"]), cost)
-    print(f"\n{'FAILED' if run.failed else 'ok'} — total run {run_s:.0f} s; results in {args.out}")
-    write_json(
-        args.out,
-        {
-            "machine": machine_info(),
-            "settings": jsonable_settings(vars(args)),
-            "ingest": [asdict(p) for p in run.phases],
-            "catchup_load": run.load,
-            "catchup": [asdict(r) for r in run.catchup],
-            "server_rss_mb": run.rss_log,
-            "profile": run.profile,
-            "failed": run.failed,
-        },
+    print(f"\n{'FAILED' if run.failed else 'ok'} — {run.backend.label}: {run.seconds:.0f} s")
+    return {
+        "backend": run.backend.key,
+        "setup": run.setup,
+        "loadavg": run.loadavg,
+        "ingest": [asdict(p) for p in run.phases],
+        "catchup_load": run.load,
+        "catchup": [asdict(r) for r in run.catchup],
+        "server_rss_mb": run.rss_log,
+        "http_error_answers": run.http_error_answers,
+        "multi_node": run.multi_node,
+        "server_log_problems": list(run.log_problems),
+        "profile": run.profile,
+        "error": run.error,
+        "failed": run.failed,
+        "seconds": run.seconds,
+    }
+
+
+def comparison_rows(args: argparse.Namespace, runs: list[Run]) -> list[tuple[str, list[str]]]:
+    """One row per measure, one cell per run ("-": not measured)."""
+    rows: list[tuple[str, list[str]]] = []
+
+    def add(name: str, values: list[str]) -> None:
+        rows.append((name, values))
+
+    def cells(batch: int, fmt: str, get: Any, only_db: bool = False) -> list[str]:
+        phases = [next((p for p in r.phases if p.batch == batch), None) for r in runs]
+        return [
+            "-" if p is None or (only_db and not r.db_measured) else format(get(p), fmt)
+            for p, r in zip(phases, runs)
+        ]
+
+    for batch in args.batch_sizes:
+        add(f"batch {batch}", [])
+        add("  upd/s (durable)", cells(batch, ",.0f", lambda p: p.updates_per_s))
+        add("  p50 ms", cells(batch, ".1f", lambda p: p.latency_p50_ms))
+        add("  p99 ms", cells(batch, ".1f", lambda p: p.latency_p99_ms))
+        add("  server CPU µs/upd", cells(batch, ".0f", lambda p: p.server_cpu_us_per_update))
+        add("  postgres CPU µs/upd", cells(batch, ".0f", lambda p: p.db_cpu_us_per_update, True))
+        add(
+            "  server+postgres µs/upd",
+            cells(batch, ".0f", lambda p: p.server_cpu_us_per_update + p.db_cpu_us_per_update),
+        )
+        add("  acked = logged", cells(batch, "", lambda p: f"{p.acked}={p.logged_rows}"))
+    if not args.no_catchup:
+        loaded = max((r.load.get("records", 0) for r in runs), default=0)
+        add(f"catch-up of {loaded:,} records, s", [])
+        add("  load (1000/push, 4 devices)", [f"{r.load.get('seconds', 0):.2f}" for r in runs])
+        methods = dict.fromkeys(c.method for r in runs for c in r.catchup)
+        for method in methods:
+            found = [next((c for c in r.catchup if c.method == method), None) for r in runs]
+            add(
+                f"  {method}",
+                [
+                    "-" if c is None else f"{c.seconds:.2f}" + ("" if c.correct else " WRONG")
+                    for c in found
+                ],
+            )
+    add("peak RSS MB (all nodes)", [f"{r.rss_log.get('peak (VmHWM)', 0):.0f}" for r in runs])
+    add("items not acked", [str(sum(sum(p.not_acked.values()) for p in r.phases)) for r in runs])
+    add("error answers (/metrics)", [_codes(r.http_error_answers) for r in runs])
+    add(
+        "merges redone (other node first)",
+        [f"{r.multi_node.get('merge_retries', 0):.0f}" for r in runs],
     )
+    add(
+        "entries read from other nodes",
+        [f"{r.multi_node.get('peer_entries', 0):,.0f}" for r in runs],
+    )
+    add("node log warnings", [str(r.log_problems[0]) for r in runs])
+    add("load avg at start", [r.loadavg.split()[0] if r.loadavg else "-" for r in runs])
+    add("result", ["FAILED" if r.failed else "ok" for r in runs])
+    return rows
+
+
+def _codes(counts: dict[str, float]) -> str:
+    return ",".join(f"{k}:{v:.0f}" for k, v in sorted(counts.items())) or "none"
 
 
 # ---------------------------------------------------------------------------------------
@@ -971,8 +1132,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="a folder holding server/, storage/, crdt_models/ to run instead (A/B a patch)",
     )
+    p.add_argument(
+        "--spread",
+        choices=("device", "request"),
+        default="device",
+        help="with several nodes: device i talks to node i %% N (device), or every request"
+        " goes to the next node, as behind a balancer without stickiness (request)",
+    )
+    add_backend_options(p)
     p.add_argument("--out", type=Path, default=None, help="JSON results path")
     args = p.parse_args(argv)
+    check_backend_options(p, args)
     if args.quick:
         args.duration, args.warmup, args.clients, args.devices = 1.5, 0.5, 2, 2
         args.max_updates, args.catchup_records, args.open_tasks = 10_000, 2_000, 200
@@ -985,8 +1155,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("batch sizes must be 1..1000")
     suffix = profile_suffix(args.profile_batch)
     default_name = f"http_sync_profile{suffix}.json" if args.profile else "http_sync.json"
-    args.out = args.out or RESULTS_DIR / default_name
+    if args.compare:
+        default_name = "http_sync_compare.json"
+    elif args.db != "sqlite" or args.nodes > 1:  # keep the SQLite baseline's file
+        default_name = default_name.replace(".json", f"_{single_backend(args).key}.json")
+    args.out = args.out or RESULTS_DIR / default_name.replace(":", "_n")
     return args
+
+
+def single_backend(args: argparse.Namespace) -> Backend:
+    return Backend(db_kind(args.db), args.nodes)
 
 
 def profile_suffix(batch: int) -> str:
@@ -994,7 +1172,7 @@ def profile_suffix(batch: int) -> str:
 
 
 def phase_spec(
-    server: Server, args: argparse.Namespace, name: str, batch: int, duration: float, number: int
+    server: Nodes, args: argparse.Namespace, name: str, batch: int, duration: float, number: int
 ) -> PhaseSpec:
     devices = args.clients * args.devices
     # batch 1 cannot reach the rate of large batches; generate less for it
@@ -1012,13 +1190,14 @@ def phase_spec(
         open_tasks=args.open_tasks,
         edits=args.edits,
         use_json=args.json,
-        url=server.url,
+        urls=server.urls,
         token=mint(tenant),
         client_id_base=1_000_000 + number * 10_000,
+        spread=args.spread,
     )
 
 
-def run_ingest(server: Server, args: argparse.Namespace, run: Run) -> None:
+def run_ingest(server: Nodes, args: argparse.Namespace, run: Run) -> None:
     if args.warmup > 0:
         warm = run_phase(server, phase_spec(server, args, "warmup", 10, args.warmup, 0))
         run.rss_log["after warmup"] = server.rss_mb()
@@ -1028,6 +1207,7 @@ def run_ingest(server: Server, args: argparse.Namespace, run: Run) -> None:
         profiler = None
         if args.profile and batch == args.profile_batch:
             suffix = profile_suffix(batch)
+            # node 0 only, when there are several
             profiler = Profiler(server.pid, RESULTS_DIR / f"http_sync_profile{suffix}.txt")
         print(
             f"phase batch={batch}: {spec.clients} processes x {spec.devices} devices,"
@@ -1049,10 +1229,10 @@ def run_ingest(server: Server, args: argparse.Namespace, run: Run) -> None:
             run.profile.update(batch=batch, raw=str(profiler.out))
 
 
-def measure(server: Server, args: argparse.Namespace, run: Run) -> None:
+def measure(server: Nodes, args: argparse.Namespace, run: Run) -> None:
     run.rss_log["start"] = server.rss_mb()
     source = args.server_src or "the installed fieldsync"
-    print(f"server pid {server.pid} on {server.url}, db {server.db}, code: {source}")
+    print(f"{server.describe()}; code: {source}", flush=True)
     run_ingest(server, args, run)
     if not args.no_catchup:
         run.load, run.catchup = asyncio.run(run_catchup(server, args))
@@ -1060,21 +1240,69 @@ def measure(server: Server, args: argparse.Namespace, run: Run) -> None:
     run.rss_log["peak (VmHWM)"] = server.peak_rss_mb()
 
 
+def run_backend(args: argparse.Namespace, databases: Databases, backend: Backend) -> Run:
+    """Every phase on `backend.nodes` fresh nodes on a fresh database of `databases`."""
+    run = Run(backend, loadavg=loadavg())
+    started = time.perf_counter()
+    try:
+        with running_nodes(databases, backend.nodes, args.server_src) as server:
+            run.setup = f"{server.describe()}; {databases.describe()}"
+            run.db_measured = server.db_pid is not None
+            try:
+                measure(server, args, run)
+                run.http_error_answers = server.http_errors()
+                run.multi_node = server.multi_node_counts()
+            finally:
+                run.log_problems = server.log_problems()
+                server.stop()  # a clean shutdown before the log rows are counted
+            run.failed |= check_durability(server, run.phases)
+    except Exception as exc:  # noqa: BLE001 - reported; a comparison runs the other backends
+        run.error = f"{type(exc).__name__}: {exc}"
+        print(f"!! {backend.label}: {run.error}", flush=True)
+    run.seconds = time.perf_counter() - started
+    run.check()
+    return run
+
+
+def print_comparison(args: argparse.Namespace, runs: list[Run]) -> list[str]:
+    print()
+    return print_side_by_side(
+        f"HTTP sync, side by side ({args.clients} load processes x {args.devices} devices,"
+        f" {args.duration:.0f} s per batch size, devices spread by {args.spread};"
+        f" code {args.code_version})",
+        [r.backend.label for r in runs],
+        comparison_rows(args, runs),
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     args.loadavg = loadavg()
+    args.code_version = code_version()
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    run = Run()
-    run_started = time.perf_counter()
-    with running_server(args.server_src) as server:
-        try:
-            measure(server, args, run)
-        finally:
-            server.stop()  # a clean shutdown before the log rows are counted
-        run.failed |= check_durability(server.db, run.phases)
-    run.check()
-    report(args, run, time.perf_counter() - run_started)
-    return 1 if run.failed else 0
+    backends = args.configs if args.compare else [single_backend(args)]
+    runs: list[Run] = []
+    payloads: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    with backend_databases(args) as databases:
+        for backend in backends:
+            print(f"\n===== {backend.label} =====", flush=True)
+            runs.append(run_backend(args, databases[backend.kind], backend))
+            payloads.append(report(args, runs[-1]))
+    payload: dict[str, Any] = {
+        "machine": machine_info(),
+        "code": args.code_version,
+        "settings": jsonable_settings(vars(args)),
+    }
+    if args.compare:
+        payload |= {"table": print_comparison(args, runs), "runs": payloads}
+    else:
+        payload |= payloads[0]
+    failed = any(r.failed for r in runs)
+    total = time.perf_counter() - started
+    print(f"\n{'FAILED' if failed else 'ok'} — total run {total:.0f} s; results in {args.out}")
+    write_json(args.out, payload)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -2,9 +2,15 @@
 
 What it does
 ------------
-For each D in ``--devices`` (default 10,100,1000) a fresh server process is started
-(``fieldsync serve`` on a temporary SQLite file, 127.0.0.1, a port below 32768; its open-file
-limit raised to the hard limit, since every socket is one file descriptor):
+For each D in ``--devices`` (default 10,100,1000) ``--nodes`` fresh server processes are
+started on a fresh ``--db`` (``fieldsync serve`` on a temporary SQLite file by default,
+127.0.0.1, a port below 32768 each; their open-file limit raised to the hard limit, since
+every socket is one file descriptor). With several nodes, writer sockets and receiver sockets
+are spread over them (socket i of a role on node i % N), so a receiver gets the edits pushed
+on another node through the nodes' commit notices: every edit is stamped with the node it
+was pushed to, and the probe latencies of those cross-node edits are reported apart
+(``xn p50/p99``). ``--db``, ``--nodes``, ``--compare`` and ``--configs`` work as in
+bench/http_sync.py; ``--compare`` skips the idle-socket step and the profile unless asked.
 
 1. **Records**: one writer process opens ``--writers`` push-only device sockets (hello with
    ``domains: []``, so they receive nothing) and creates ``--records`` activity records in bu1
@@ -48,7 +54,9 @@ window, by arrival time. ``deliv %``: edits of the window received by the end of
 (acked edits of the window x D). ``lat p50/p99``: push -> other device, probe sockets (``smp p99``:
 the sampled sink sockets, whose process is busier). ``srv CPU%``, ``cli CPU%``, ``oth CPU%``:
 share of ONE core used by the server, by all our client processes, and by anything else on the
-machine during the window (2 cores in all here: clients and server compete). ``KB/conn``:
+machine during the window (2 cores in all here: clients and server compete); ``db CPU%``: a
+throwaway PostgreSQL cluster's processes ("-": not measured). Server numbers are sums over
+the nodes. ``KB/conn``:
 (RSS with D caught-up idle sockets - RSS before) / D. ``pages``: ``changes`` frames with
 ``has_more`` true after the catch-up, i.e. a receiver paging the log because it fell behind.
 ``lost``: receiver sockets the server closed during the phase. ``srv wait%``: how long the
@@ -88,20 +96,27 @@ from typing import Any
 
 from common import (
     RESULTS_DIR,
+    Backend,
     Column,
     CpuWindow,
+    Databases,
+    Nodes,
     Profiler,
-    Server,
+    add_backend_options,
+    backend_databases,
+    check_backend_options,
     classify,
     code_version,
+    db_kind,
     jsonable_settings,
     loadavg,
     machine_info,
     mint,
     percentiles,
+    print_side_by_side,
     print_table,
     raise_nofile_limit,
-    running_server,
+    running_nodes,
     summarize_profile,
     write_json,
 )
@@ -187,6 +202,16 @@ class FanoutResult:
     client_loop_lag_p99_ms: float
     client_loop_lag_max_ms: float
     per_process: list[dict[str, Any]]
+    nodes: int = 1
+    remote_samples: int = 0  # probe latencies of edits pushed on another node than the probe's
+    remote_missing: int = 0
+    remote_p50_ms: float = 0.0
+    remote_p99_ms: float = 0.0
+    db_cpu_pct: float = 0.0  # a throwaway PostgreSQL cluster's processes (0: not measured)
+    db_cpu_us_per_push: float = 0.0
+    db_measured: bool = False
+    merge_retries: float = 0.0  # merges done again: another node wrote the record first
+    peer_entries: float = 0.0  # log entries the nodes read from each other
 
 
 def receiver_plan(devices: int, args: argparse.Namespace) -> list[tuple[str, int, int]]:
@@ -231,22 +256,28 @@ class PhaseRun:
     rss_after: float = 0.0
     fds: int = 0
     cpu: CpuWindow | None = None
+    nodes: int = 1
+    db_measured: bool = False
     writer: dict[str, Any] = field(default_factory=dict)
     receivers: list[dict[str, Any]] = field(default_factory=list)
     profile: dict[str, Any] | None = None
     log_problems: tuple[int, list[str]] = (0, [])
+    multi_node: dict[str, float] = field(default_factory=dict)
 
 
 def run_fanout(
-    args: argparse.Namespace, devices: int, nofile: int
+    args: argparse.Namespace, devices: int, nofile: int, databases: Databases, nodes: int
 ) -> tuple[FanoutResult, dict[str, Any] | None]:
-    """One phase on a fresh server: its result, and the server's profile if it was sampled."""
+    """One phase on fresh nodes and a fresh database: its result, and node 0's profile if it
+    was sampled. Writers and receivers are spread over the nodes (socket i on node i % N)."""
     ctx = mp.get_context("spawn")
-    run = PhaseRun(devices)
+    run = PhaseRun(devices, nodes=nodes)
     children: list[Child] = []
-    with running_server(args.server_src, nofile) as server:
+    with running_nodes(databases, nodes, args.server_src, nofile) as server:
+        print(f"  {server.describe()}", flush=True)
+        run.db_measured = server.db_pid is not None
         tenant = f"fanout-{devices}"
-        target = Target("127.0.0.1", server.port, tenant, mint(tenant, bus=[BU]))
+        target = target_of(server, tenant)
         try:
             writer = Child(ctx, writers_main, writer_config(args, target), "writers")
             children.append(writer)
@@ -263,7 +294,12 @@ def run_fanout(
             for child in children:
                 child.stop()
             run.log_problems = server.log_problems()
+            run.multi_node = server.multi_node_counts()
     return summarize_fanout(args, run), run.profile
+
+
+def target_of(server: Nodes, tenant: str) -> Target:
+    return Target("127.0.0.1", server.ports[0], tenant, mint(tenant, bus=[BU]), server.ports)
 
 
 def writer_config(args: argparse.Namespace, target: Target) -> WriterConfig:
@@ -273,14 +309,14 @@ def writer_config(args: argparse.Namespace, target: Target) -> WriterConfig:
     )
 
 
-def _settled_rss(server: Server, seconds: float = 1.0) -> float:
+def _settled_rss(server: Nodes, seconds: float = 1.0) -> float:
     time.sleep(seconds)
     return server.rss_mb()
 
 
 def _load(
     args: argparse.Namespace,
-    server: Server,
+    server: Nodes,
     run: PhaseRun,
     writer: Child,
     receivers: list[Child],
@@ -297,7 +333,7 @@ def _load(
     if profiler is not None:
         profiler.start()
     time.sleep(sleep_until(t1))
-    run.cpu = CpuWindow(server.pid).start()
+    run.cpu = server.cpu_window().start()
     time.sleep(sleep_until(t2))
     run.cpu.stop()
     if profiler is not None:
@@ -310,12 +346,13 @@ def _load(
     run.receivers = [child.ask("report", timeout) for child in receivers]
 
 
-def _profiler(args: argparse.Namespace, server: Server, devices: int) -> Profiler | None:
+def _profiler(args: argparse.Namespace, server: Nodes, devices: int) -> Profiler | None:
     if devices != args.profile_devices:
         return None
     if not Profiler.available():
         print("  (py-spy is not installed: /tmp/venv/bin/pip install py-spy; no profile)")
         return None
+    # node 0 only, when there are several
     return Profiler(server.pid, args.out.with_name(args.out.stem + "_profile.txt"))
 
 
@@ -352,6 +389,16 @@ def summarize_fanout(args: argparse.Namespace, run: PhaseRun) -> FanoutResult:
     sink_missing = sum(r["sampled_sockets"] for r in sinks) * acked_window - len(sink_lat)
     p50, p99 = _with_missing(probe_lat, probe_missing)
     s50, s99 = _with_missing(sink_lat, sink_missing)
+    # cross-node: a probe on node a should get every acked edit pushed on any node b != a
+    by_node = w["acked_window_by_node"]
+    remote_lat = [x for r in probe for x in _latencies(r["remote_latencies_ms"])]
+    remote_expected = sum(
+        sampled * (acked_window - by_node[a])
+        for r in probe
+        for a, sampled in enumerate(r["sampled_by_node"])
+    )
+    remote_missing = remote_expected - len(remote_lat)
+    r50, r99 = _with_missing(remote_lat, remote_missing) if remote_expected else (0.0, 0.0)
     ack50, ack99 = percentiles(_latencies(w["ack_latencies_ms"]))
     receivers = sum(c["open"] for c in run.connected)
     expected = acked_window * receivers
@@ -427,11 +474,21 @@ def summarize_fanout(args: argparse.Namespace, run: PhaseRun) -> FanoutResult:
         client_loop_lag_p99_ms=max((r["loop_lag_p99_ms"] for r in rs), default=0.0),
         client_loop_lag_max_ms=max((r["loop_lag_max_ms"] for r in rs), default=0.0),
         per_process=[_process_summary(r) for r in rs],
+        nodes=run.nodes,
+        remote_samples=len(remote_lat),
+        remote_missing=max(0, remote_missing),
+        remote_p50_ms=r50,
+        remote_p99_ms=r99,
+        db_cpu_pct=cpu.db_pct,
+        db_cpu_us_per_push=cpu.db_s / acked_window * 1e6 if acked_window else 0.0,
+        db_measured=run.db_measured,
+        merge_retries=run.multi_node.get("merge_retries", 0.0),
+        peer_entries=run.multi_node.get("peer_entries", 0.0),
     )
 
 
 def _process_summary(r: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in r.items() if k != "latencies_ms"}
+    return {k: v for k, v in r.items() if k not in ("latencies_ms", "remote_latencies_ms")}
 
 
 # ---------------------------------------------------------------------------------------
@@ -465,6 +522,7 @@ class IdleResult:
     peak_rss_mb: float = 0.0
     server_log_problems: int = 0
     server_log_first: list[str] = field(default_factory=list)
+    nodes: int = 1  # sockets spread over this many nodes; RSS and fds are their sums
 
 
 def idle_steps(maximum: int, quick: bool) -> list[int]:
@@ -472,11 +530,10 @@ def idle_steps(maximum: int, quick: bool) -> list[int]:
     return sorted({s for s in base if s < maximum} | {maximum})
 
 
-def run_idle(args: argparse.Namespace, nofile: int) -> IdleResult:
+def run_idle(args: argparse.Namespace, nofile: int, databases: Databases, nodes: int) -> IdleResult:
     ctx = mp.get_context("spawn")
-    with running_server(args.server_src, nofile) as server:
-        tenant = "idle"
-        target = Target("127.0.0.1", server.port, tenant, mint(tenant, bus=[BU]))
+    with running_nodes(databases, nodes, args.server_src, nofile) as server:
+        target = target_of(server, "idle")
         procs = max(1, min(args.idle_procs, math.ceil(args.idle_max / 1000)))
         children = [
             Child(
@@ -486,7 +543,11 @@ def run_idle(args: argparse.Namespace, nofile: int) -> IdleResult:
         ]
         try:
             result = IdleResult(
-                _settled_rss(server), server.nofile_limit(), [], "reached the maximum"
+                _settled_rss(server),
+                server.nofile_limit(),
+                [],
+                "reached the maximum",
+                nodes=server.count,
             )
             _grow(args, server, children, result)
             _hold(args, children, result)
@@ -499,7 +560,7 @@ def run_idle(args: argparse.Namespace, nofile: int) -> IdleResult:
 
 
 def _grow(
-    args: argparse.Namespace, server: Server, children: list[Child], result: IdleResult
+    args: argparse.Namespace, server: Nodes, children: list[Child], result: IdleResult
 ) -> None:
     current = 0
     for target in idle_steps(args.idle_max, args.quick):
@@ -524,10 +585,10 @@ def _grow(
 
 
 def _idle_step(
-    server: Server, result: IdleResult, target: int, previous: int, replies: list[dict[str, Any]]
+    server: Nodes, result: IdleResult, target: int, previous: int, replies: list[dict[str, Any]]
 ) -> IdleStep:
     rss = _settled_rss(server)
-    cpu = CpuWindow(server.pid).start()
+    cpu = server.cpu_window().start()
     time.sleep(2.0)
     cpu.stop()
     opened = sum(r["open"] for r in replies)
@@ -548,7 +609,7 @@ def _idle_step(
     )
 
 
-def _stop_reason(server: Server, step: IdleStep) -> str | None:
+def _stop_reason(server: Nodes, step: IdleStep) -> str | None:
     if not server.alive():
         return "the server died"
     if step.failed:
@@ -638,9 +699,12 @@ FANOUT_COLUMNS = (
     Column("deliv %", 7, ".1f"),
     Column("lat p50", 8),
     Column("lat p99", 8),
+    Column("xn p50", 8),
+    Column("xn p99", 8),
     Column("smp p99", 8),
     Column("srv CPU%", 8, ".0f", "%"),
     Column("srv wait%", 9, ".0f", "%"),
+    Column("db CPU%", 7),
     Column("cli CPU%", 8, ".0f", "%"),
     Column("oth CPU%", 8, ".0f", "%"),
     Column("KB/conn", 7, ".1f"),
@@ -659,9 +723,12 @@ def fanout_row(r: FanoutResult, drain_s: float) -> tuple[Any, ...]:
         r.delivered_pct,
         ms(r.latency_p50_ms, drain_s),
         ms(r.latency_p99_ms, drain_s),
+        ms(r.remote_p50_ms, drain_s) if r.nodes > 1 else "-",
+        ms(r.remote_p99_ms, drain_s) if r.nodes > 1 else "-",
         ms(r.sampled_p99_ms, drain_s) if r.sampled_sockets else "-",
         r.server_cpu_pct,
         r.server_wait_pct,
+        f"{r.db_cpu_pct:.0f}%" if r.db_measured else "-",
         r.client_cpu_pct,
         r.other_cpu_pct,
         r.rss_per_connection_kb,
@@ -674,7 +741,8 @@ def print_fanout(results: list[FanoutResult], args: argparse.Namespace) -> None:
     print(
         f"\nFan-out: {args.writers} writers push {args.rate:.0f} edits/s in total over"
         f" {args.records} records; every receiver gets every edit ({args.duration:.0f} s window"
-        f" after {args.warmup:.0f} s warm-up, {args.drain:.0f} s drain; latencies in ms)"
+        f" after {args.warmup:.0f} s warm-up, {args.drain:.0f} s drain; latencies in ms;"
+        " xn: probe latencies of edits pushed on another node)"
     )
     print_table(FANOUT_COLUMNS, [fanout_row(r, args.drain) for r in results])
     for r in results:
@@ -690,6 +758,13 @@ def print_fanout(results: list[FanoutResult], args: argparse.Namespace) -> None:
             f" client loop lag p99 {r.client_loop_lag_p99_ms:.0f} ms;"
             f" server in kernel {r.server_sys_pct:.0f}% of a core"
         )
+        if r.nodes > 1:
+            print(
+                f"     {r.nodes} nodes: {r.remote_samples} cross-node probe latencies"
+                f" ({r.remote_missing} missing), p50 {ms(r.remote_p50_ms, args.drain)} ms,"
+                f" p99 {ms(r.remote_p99_ms, args.drain)} ms; {r.peer_entries:.0f} log entries"
+                f" read from other nodes, {r.merge_retries:.0f} merges done again"
+            )
         if r.stall_sockets:
             print(
                 f"     {r.stall_sockets} receivers stopped reading for {args.stall_for:.0f} s:"
@@ -738,7 +813,8 @@ IDLE_COLUMNS = (
 
 def print_idle(idle: IdleResult) -> None:
     print(
-        f"\nIdle device sockets on one node (hello + caught up, then only heartbeats);"
+        f"\nIdle device sockets on {idle.nodes} node{'s' if idle.nodes > 1 else ''} (hello +"
+        " caught up, then only heartbeats; RSS and fds summed over the nodes);"
         f" baseline RSS {idle.baseline_rss_mb:.0f} MB, server open-file limit {idle.server_nofile}"
     )
     rows = [
@@ -811,42 +887,101 @@ def print_profile(summary: dict[str, Any], phase: FanoutResult | None, top: int 
         )
 
 
-def report(
-    args: argparse.Namespace,
-    results: list[FanoutResult],
-    idle: IdleResult | None,
-    profile: dict[str, Any] | None,
-    failed: list[str],
-    run_s: float,
-) -> None:
+@dataclass(slots=True)
+class BackendRun:
+    """Every phase of one backend (database kind and node count)."""
+
+    backend: Backend
+    setup: str = ""
+    loadavg: str = ""
+    results: list[FanoutResult] = field(default_factory=list)
+    idle: IdleResult | None = None
+    profile: dict[str, Any] | None = None
+    failed: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def report(args: argparse.Namespace, run: BackendRun) -> dict[str, Any]:
+    """Print one backend's tables; its JSON payload."""
     print(
-        f"\nfieldsync device-socket fan-out benchmark — load average at start {args.loadavg},"
-        f" {machine_info()['cores']} cores, code {args.code_version}"
+        f"\nfieldsync device-socket fan-out benchmark, {run.backend.label} — load average at"
+        f" start {run.loadavg}, {machine_info()['cores']} cores, code {args.code_version}"
     )
-    if results:
-        print_fanout(results, args)
-    if idle is not None:
-        print_idle(idle)
+    print(f"{run.setup}; writers and receivers spread over the nodes (socket i on node i % N)")
+    if run.results:
+        print_fanout(run.results, args)
+    if run.idle is not None:
+        print_idle(run.idle)
     print()
-    print_goals(results, idle, args.drain)
-    if profile is not None:
-        phase = next((r for r in results if r.devices == profile["devices"]), None)
-        print_profile(profile, phase)
-    for problem in failed:
+    print_goals(run.results, run.idle, args.drain)
+    if run.profile is not None:
+        phase = next((r for r in run.results if r.devices == run.profile["devices"]), None)
+        print_profile(run.profile, phase)
+    for problem in run.failed:
         print(f"!! {problem}")
-    print(f"\n{'FAILED' if failed else 'ok'} — total run {run_s:.0f} s; results in {args.out}")
-    write_json(
-        args.out,
-        {
-            "machine": machine_info(),
-            "code": args.code_version,
-            "settings": jsonable_settings(vars(args)),
-            "fanout": [_jsonable(asdict(r)) for r in results],
-            "idle": asdict(idle) if idle else None,
-            "profile": profile,
-            "failed": failed,
-        },
-    )
+    print(f"\n{'FAILED' if run.failed else 'ok'} — {run.backend.label}: {run.seconds:.0f} s")
+    return {
+        "backend": run.backend.key,
+        "setup": run.setup,
+        "loadavg": run.loadavg,
+        "fanout": [_jsonable(asdict(r)) for r in run.results],
+        "idle": asdict(run.idle) if run.idle else None,
+        "profile": run.profile,
+        "failed": run.failed,
+        "seconds": run.seconds,
+    }
+
+
+def comparison_rows(
+    args: argparse.Namespace, runs: list[BackendRun]
+) -> list[tuple[str, list[str]]]:
+    """One row per measure, one cell per backend ("-": not measured)."""
+    rows: list[tuple[str, list[str]]] = []
+
+    def cells(devices: int, get: Any) -> list[str]:
+        found = [next((r for r in run.results if r.devices == devices), None) for run in runs]
+        return ["-" if r is None else get(r) for r in found]
+
+    def lat(value: float) -> str:
+        return ms(value, args.drain)
+
+    for d in args.device_counts:
+        rows.append((f"D={d} receivers ({args.rate:.0f} pushes/s offered)", []))
+        rows += [
+            ("  pushes acked/s", cells(d, lambda r: f"{r.pushes_acked_per_s:,.0f}")),
+            ("  ack p99 ms", cells(d, lambda r: lat(r.ack_p99_ms))),
+            ("  deliveries/s", cells(d, lambda r: f"{r.deliveries_per_s:,.0f}")),
+            ("  delivered %", cells(d, lambda r: f"{r.delivered_pct:.1f}")),
+            ("  latency p50 ms", cells(d, lambda r: lat(r.latency_p50_ms))),
+            ("  latency p99 ms", cells(d, lambda r: lat(r.latency_p99_ms))),
+            (
+                "  cross-node p50 ms",
+                cells(d, lambda r: lat(r.remote_p50_ms) if r.nodes > 1 else "-"),
+            ),
+            (
+                "  cross-node p99 ms",
+                cells(d, lambda r: lat(r.remote_p99_ms) if r.nodes > 1 else "-"),
+            ),
+            ("  server CPU % (all nodes)", cells(d, lambda r: f"{r.server_cpu_pct:.0f}")),
+            (
+                "  postgres CPU %",
+                cells(d, lambda r: f"{r.db_cpu_pct:.0f}" if r.db_measured else "-"),
+            ),
+            ("  server µs/delivery", cells(d, lambda r: f"{r.server_cpu_us_per_delivery:.1f}")),
+            (
+                "  lost/dup/err/skipped",
+                cells(
+                    d,
+                    lambda r: (
+                        f"{r.lost_sockets}/{r.duplicates}/"
+                        f"{r.receiver_errors + r.push_errors}/{r.pushes_skipped}"
+                    ),
+                ),
+            ),
+        ]
+    rows.append(("load avg at start", [r.loadavg.split()[0] if r.loadavg else "-" for r in runs]))
+    rows.append(("result", ["FAILED" if r.failed else "ok" for r in runs]))
+    return rows
 
 
 def _jsonable(value: Any) -> Any:
@@ -894,7 +1029,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--sample-every", type=int, default=10, help="time every n-th socket of the sinks"
     )
-    p.add_argument("--idle-max", type=int, default=10_000, help="idle sockets to try (0 = skip)")
+    p.add_argument(
+        "--idle-max",
+        type=int,
+        default=None,
+        help="idle sockets to try (0 = skip; default 10,000, and 0 with --compare)",
+    )
     p.add_argument("--idle-procs", type=int, default=4, help="client processes for idle sockets")
     p.add_argument(
         "--idle-hold", type=float, default=40.0, help="seconds to hold the last idle step"
@@ -903,7 +1043,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--profile-devices",
         type=int,
         default=None,
-        help="py-spy the server during this D's phase (default: the largest D; 0 = never)",
+        help="py-spy the server (node 0) during this D's phase (default: the largest D;"
+        " with --compare: never; 0 = never)",
     )
     p.add_argument(
         "--server-src",
@@ -911,18 +1052,69 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="a folder holding server/, storage/, crdt_models/ to run instead (A/B a patch)",
     )
-    p.add_argument("--out", type=Path, default=RESULTS_DIR / "ws_fanout.json")
+    add_backend_options(p)
+    p.add_argument("--out", type=Path, default=None, help="JSON results path")
     args = p.parse_args(argv)
+    check_backend_options(p, args)
+    if args.idle_max is None:
+        args.idle_max = 0 if args.compare else 10_000
     if args.quick:
         args.devices, args.duration, args.warmup, args.drain = "10,50", 2.0, 0.5, 1.0
         args.idle_max, args.idle_hold = min(args.idle_max, 500), 0.0
         args.stall_after, args.stall_for = 0.5, 1.0
     args.device_counts = [int(d) for d in args.devices.split(",") if d.strip()]
     if args.profile_devices is None:
-        args.profile_devices = max(args.device_counts, default=0)
+        args.profile_devices = 0 if args.compare else max(args.device_counts, default=0)
+    name = "ws_fanout"
+    if args.compare:
+        name += "_compare"
+    elif args.db != "sqlite" or args.nodes > 1:  # keep the SQLite baseline's file
+        name += f"_{'sqlite' if args.db == 'sqlite' else 'pg'}_n{args.nodes}"
+    args.out = args.out or RESULTS_DIR / f"{name}.json"
     if args.rate <= 0 or args.records < 1 or any(d < 1 for d in args.device_counts):
         p.error("--rate, --records and every D must be positive")
     return args
+
+
+def run_backend(
+    args: argparse.Namespace, databases: Databases, backend: Backend, nofile: int
+) -> BackendRun:
+    """Every D (fresh nodes and database each), then the idle sockets, on one backend."""
+    run = BackendRun(backend, loadavg=loadavg())
+    started = time.perf_counter()
+    for devices in args.device_counts:
+        print(f"phase D={devices} ({backend.label})", flush=True)
+        try:
+            result, phase_profile = run_fanout(args, devices, nofile, databases, backend.nodes)
+        except Exception as exc:  # noqa: BLE001 - reported; the other phases still run
+            run.failed.append(f"D={devices}: {type(exc).__name__}: {exc}")
+            print(f"  !! {run.failed[-1]}", flush=True)
+            continue
+        run.setup = databases.describe()
+        run.results.append(result)
+        run.profile = phase_profile or run.profile
+        remote = (
+            f", cross-node p99 {ms(result.remote_p99_ms, args.drain)} ms"
+            if result.nodes > 1
+            else ""
+        )
+        print(
+            f"  -> {result.pushes_acked_per_s:.0f} pushes/s acked,"
+            f" {result.deliveries_per_s:.0f} deliveries/s, {result.delivered_pct:.1f}% delivered,"
+            f" p50 {ms(result.latency_p50_ms, args.drain)} ms,"
+            f" p99 {ms(result.latency_p99_ms, args.drain)} ms{remote},"
+            f" server CPU {result.server_cpu_pct:.0f}%",
+            flush=True,
+        )
+    if args.idle_max > 0:
+        print(f"idle sockets, up to {args.idle_max} ({backend.label})", flush=True)
+        try:
+            run.idle = run_idle(args, nofile, databases, backend.nodes)
+        except Exception as exc:  # noqa: BLE001
+            run.failed.append(f"idle: {type(exc).__name__}: {exc}")
+    run.failed += [f"D={r.devices}: {p}" for r in run.results for p in _hard_failures(r)]
+    run.seconds = time.perf_counter() - started
+    return run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -934,36 +1126,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     if nofile < needed:
         print(f"warning: open-file limit {nofile} < {needed}; some sockets will fail")
     started = time.perf_counter()
-    results: list[FanoutResult] = []
-    idle: IdleResult | None = None
-    profile: dict[str, Any] | None = None
-    failed: list[str] = []
-    for devices in args.device_counts:
-        print(f"phase D={devices}", flush=True)
-        try:
-            result, phase_profile = run_fanout(args, devices, nofile)
-        except Exception as exc:  # noqa: BLE001 - reported; the other phases still run
-            failed.append(f"D={devices}: {type(exc).__name__}: {exc}")
-            print(f"  !! {failed[-1]}", flush=True)
-            continue
-        results.append(result)
-        profile = phase_profile or profile
-        print(
-            f"  -> {result.pushes_acked_per_s:.0f} pushes/s acked,"
-            f" {result.deliveries_per_s:.0f} deliveries/s, {result.delivered_pct:.1f}% delivered,"
-            f" p50 {ms(result.latency_p50_ms, args.drain)} ms,"
-            f" p99 {ms(result.latency_p99_ms, args.drain)} ms,"
-            f" server CPU {result.server_cpu_pct:.0f}%",
-            flush=True,
+    backends = args.configs if args.compare else [Backend(db_kind(args.db), args.nodes)]
+    runs: list[BackendRun] = []
+    payloads: list[dict[str, Any]] = []
+    with backend_databases(args) as databases:
+        for backend in backends:
+            print(f"\n===== {backend.label} =====", flush=True)
+            runs.append(run_backend(args, databases[backend.kind], backend, nofile))
+            payloads.append(report(args, runs[-1]))
+    payload: dict[str, Any] = {
+        "machine": machine_info(),
+        "code": args.code_version,
+        "settings": jsonable_settings(vars(args)),
+    }
+    if args.compare:
+        print()
+        table = print_side_by_side(
+            f"Device-socket fan-out, side by side ({args.writers} writers, {args.rate:.0f}"
+            f" pushes/s offered over {args.records} records, {args.duration:.0f} s window;"
+            f" sockets spread over the nodes; code {args.code_version})",
+            [r.backend.label for r in runs],
+            comparison_rows(args, runs),
         )
-    if args.idle_max > 0:
-        print(f"idle sockets, up to {args.idle_max}", flush=True)
-        try:
-            idle = run_idle(args, nofile)
-        except Exception as exc:  # noqa: BLE001
-            failed.append(f"idle: {type(exc).__name__}: {exc}")
-    failed += [f"D={r.devices}: {p}" for r in results for p in _hard_failures(r)]
-    report(args, results, idle, profile, failed, time.perf_counter() - started)
+        payload |= {"table": table, "runs": payloads}
+    else:
+        payload |= payloads[0]
+    failed = any(r.failed for r in runs)
+    total = time.perf_counter() - started
+    print(f"\n{'FAILED' if failed else 'ok'} — total run {total:.0f} s; results in {args.out}")
+    write_json(args.out, payload)
     return 1 if failed else 0
 
 

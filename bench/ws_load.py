@@ -6,7 +6,13 @@ messages and gets ``("verb", payload)`` back; a crash comes back as ``("error", 
 - *receivers* (probe, stall, sink and idle processes): open N device sockets (hello with
   ``domains: ["activity"]``, caught up), then count and time every ``changes`` frame;
 - *writers*: push-only device sockets that create the records and edit them at a fixed rate,
-  each edit stamped with the CLOCK_MONOTONIC time it was sent (``remarks = "t=<ns>"``).
+  each edit stamped with the CLOCK_MONOTONIC time it was sent and the node it was pushed to
+  (``remarks = "t=<ns>n<node>"``).
+
+With several nodes (``Target.ports``, one per node), socket i of a role talks to node
+i % N: writers and receivers are spread over the nodes, so a receiver on one node gets the
+edits pushed on another through the nodes' commit notices; receivers time those cross-node
+deliveries apart.
 
 Every socket is a ws_client.WsSocket: one asyncio Protocol, no per-frame task or future.
 """
@@ -33,7 +39,7 @@ from ws_client import WsSocket, open_socket
 DOMAIN = "activity"
 BU = "bu1"
 WS_PATH = "/api/v1/ws"
-STAMP = re.compile(rb"t=(\d{6,20})")
+STAMP = re.compile(rb"t=(\d{6,20})(?:n(\d{1,3}))?")  # send time (ns), node pushed to
 NS = 1_000_000_000
 NEVER = 1 << 62  # a window bound no stamp reaches
 
@@ -45,9 +51,21 @@ NEVER = 1 << 62  # a window bound no stamp reaches
 @dataclass(frozen=True, slots=True)
 class Target:
     host: str
-    port: int
+    port: int  # node 0
     tenant: str
     token: str
+    ports: tuple[int, ...] = ()  # every node's (default: just `port`)
+
+    @property
+    def nodes(self) -> int:
+        return len(self.ports) or 1
+
+    def node_of(self, index: int) -> int:
+        """The node device `index` of a role talks to: index % N."""
+        return index % self.nodes
+
+    def port_for(self, index: int) -> int:
+        return self.ports[self.node_of(index)] if self.ports else self.port
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +174,8 @@ class ReceiverStats:
     edits_seen: int = 0
     edits_window: int = 0  # edits stamped inside the window, received by the end of the drain
     sampled_window: int = 0  # the same, on sampled sockets only
+    sampled_by_node: list[int] = field(default_factory=list)  # sampled sockets per node
+    remote_window: int = 0  # sampled edits of the window pushed on another node
     arrived_window: int = 0  # edits that arrived during the window (any stamp)
     frames_window: int = 0
     max_edits_per_frame: int = 0
@@ -170,14 +190,16 @@ class ReceiverStats:
     loop_lag_p99_ms: float = 0.0
     loop_lag_max_ms: float = 0.0
     latencies_ms: bytes = b""  # array('f') of the sampled sockets' latencies
+    remote_latencies_ms: bytes = b""  # the same, of edits pushed on another node only
 
 
 class DeviceState:
-    __slots__ = ("caught_up", "sampled", "seen")
+    __slots__ = ("caught_up", "node", "sampled", "seen")
 
-    def __init__(self, sampled: bool) -> None:
+    def __init__(self, sampled: bool, node: int) -> None:
         self.caught_up: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.sampled = sampled
+        self.node = node  # the node this socket talks to
         self.seen: set[int] | None = set() if sampled else None
 
 
@@ -190,6 +212,8 @@ class Receivers:
         self.sockets: list[WsSocket] = []
         self.window = Window(NEVER, NEVER, NEVER, NEVER)
         self.latencies = array("f")
+        self.remote_latencies = array("f")
+        self.stats.sampled_by_node = [0] * config.target.nodes
         self.lags: list[float] = []
         self._closing = False
 
@@ -212,11 +236,13 @@ class Receivers:
 
     async def _connect_one(self, index: int, limit: asyncio.Semaphore) -> bool:
         every = self.config.sample_every
-        state = DeviceState(sampled=every > 0 and index % every == 0)
+        target = self.config.target
+        device = self.config.first_index + index
+        state = DeviceState(sampled=every > 0 and index % every == 0, node=target.node_of(device))
         async with limit:
             try:
                 sock = await open_socket(
-                    self.config.target.host, self.config.target.port, WS_PATH, self._on_frame
+                    target.host, target.port_for(device), WS_PATH, self._on_frame
                 )
                 sock.tag = state
                 sock.send(self._hello(index))
@@ -231,6 +257,7 @@ class Receivers:
         self.sockets.append(sock)
         self.stats.sockets += 1
         self.stats.sampled_sockets += state.sampled
+        self.stats.sampled_by_node[state.node] += state.sampled
         return True
 
     def _hello(self, index: int) -> bytes:
@@ -273,9 +300,9 @@ class Receivers:
         t1, t2 = self.window.t1, self.window.t2
         edits = 0
         for change in changes:
-            for match in STAMP.findall(change["update"]):
+            for stamp, node in STAMP.findall(change["update"]):
                 edits += 1
-                sent = int(match)
+                sent = int(stamp)
                 if not t1 <= sent < t2:
                     continue
                 self.stats.edits_window += 1
@@ -285,7 +312,11 @@ class Receivers:
                         continue
                     state.seen.add(sent)
                     self.stats.sampled_window += 1
-                    self.latencies.append((now - sent) / 1e6)
+                    latency = (now - sent) / 1e6
+                    self.latencies.append(latency)
+                    if node and int(node) != state.node:
+                        self.stats.remote_window += 1
+                        self.remote_latencies.append(latency)
         return edits
 
     # -- the measured window ------------------------------------------------------
@@ -324,7 +355,7 @@ class Receivers:
         if sock.transport is None:
             return -1
         client_port = sock.transport.get_extra_info("sockname")[1]
-        query = f"( sport = :{self.config.target.port} and dport = :{client_port} )"
+        query = f"( sport = :{sock.port} and dport = :{client_port} )"
         try:
             out = subprocess.run(
                 ["ss", "-tnH", query], capture_output=True, text=True, timeout=5
@@ -343,6 +374,7 @@ class Receivers:
         p99, top = percentiles(self.lags, (0.99, 1.0))
         st.loop_lag_p99_ms, st.loop_lag_max_ms = p99, top
         st.latencies_ms = self.latencies.tobytes()
+        st.remote_latencies_ms = self.remote_latencies.tobytes()
         return asdict(st)
 
     def close_all(self) -> None:
@@ -400,6 +432,7 @@ class WriterStats:
     acked: int = 0
     sent_window: int = 0
     acked_window: int = 0
+    acked_window_by_node: list[int] = field(default_factory=list)  # by the node pushed to
     skipped_window: int = 0  # due but not sent: the writer had max_outstanding unacked pushes
     statuses: dict[str, int] = field(default_factory=dict)
     errors: int = 0
@@ -438,6 +471,7 @@ class Writers:
     def __init__(self, config: WriterConfig) -> None:
         self.config = config
         self.stats = WriterStats(writers=config.writers, records=config.records)
+        self.stats.acked_window_by_node = [0] * config.target.nodes
         self.sockets: list[WsSocket] = []
         self.records: list[tuple[int, Record]] = []  # (writer number, record)
         self.pending: dict[int, tuple[int, int]] = {}  # push id -> (stamp ns, writer)
@@ -450,8 +484,8 @@ class Writers:
 
     async def open(self) -> None:
         t = self.config.target
-        for w in range(self.config.writers):
-            sock = await open_socket(t.host, t.port, WS_PATH, self._on_frame)
+        for w in range(self.config.writers):  # writer w pushes to node w % N
+            sock = await open_socket(t.host, t.port_for(w), WS_PATH, self._on_frame)
             hello = {"t": "hello", "token": t.token, "device": f"writer-{w}", "domains": []}
             sock.send(frame_bytes(hello))
             self.sockets.append(sock)
@@ -505,6 +539,7 @@ class Writers:
         st.acked += 1
         if self.window.t1 <= stamp < self.window.t2:
             st.acked_window += 1
+            st.acked_window_by_node[self.config.target.node_of(writer)] += 1
             self.ack_latencies.append((now - stamp) / 1e6)
 
     async def drained(self, timeout_s: float) -> None:
@@ -538,7 +573,7 @@ class Writers:
             self.stats.skipped_window += in_window
             return
         self.stats.sent_window += in_window
-        remarks = f"t={stamp}" + self.padding
+        remarks = f"t={stamp}n{self.config.target.node_of(writer)}" + self.padding
         self._push(writer, record, record.edit({"remarks": remarks}), stamp)
 
     def report(self) -> dict[str, Any]:
