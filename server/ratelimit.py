@@ -14,9 +14,9 @@ import contextlib
 import math
 import re
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0}
 _SPEC = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour)\s*$")
@@ -167,27 +167,68 @@ class RateLimiter:
 
 
 class TenantSlots:
-    """At most `in_flight` requests of one tenant merge at once; the rest wait their turn.
+    """How many sync requests of one tenant merge at once; the rest wait their turn.
 
     The token buckets bound how much a tenant asks for over time; this bounds how much
-    of the server one tenant holds at any moment, so a tenant bursting at its quota
-    queues behind itself instead of in front of everyone else.
+    of the server one tenant holds at any moment. A tenant alone on the node may merge
+    `in_flight` requests at once (small batches commit together); as soon as another
+    tenant has requests too, each tenant gets `shared`, so a tenant bursting at its
+    quota queues behind itself instead of in front of everyone else.
     """
 
-    def __init__(self, in_flight: int, queue: int) -> None:
+    def __init__(self, in_flight: int, queue: int, shared: int = 2) -> None:
         self._in_flight, self._queue = in_flight, queue
-        self._tenants: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
+        self._shared = min(shared, in_flight)
+        self._tenants: dict[str, _TenantTurns] = {}
 
     @contextlib.asynccontextmanager
     async def slot(self, tenant: str) -> AsyncIterator[None]:
-        sem, users = self._tenants.setdefault(tenant, (asyncio.Semaphore(self._in_flight), [0]))
-        if users[0] >= self._in_flight + self._queue:
+        turns = self._tenants.setdefault(tenant, _TenantTurns())
+        if turns.active + len(turns.waiting) >= self._in_flight + self._queue:
             raise Limited("tenant", f"{self._queue} requests of this tenant are already waiting", 1)
-        users[0] += 1
+        if turns.waiting or turns.active >= self._limit():
+            await self._wait(tenant, turns)
+        else:
+            turns.active += 1
         try:
-            async with sem:
-                yield
+            yield
         finally:
-            users[0] -= 1
-            if users[0] == 0:
-                del self._tenants[tenant]
+            turns.active -= 1
+            self._settle(tenant, turns)
+
+    def _limit(self) -> int:
+        return self._in_flight if len(self._tenants) <= 1 else self._shared
+
+    async def _wait(self, tenant: str, turns: _TenantTurns) -> None:
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        turns.waiting.append(turn)
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn in turns.waiting:
+                turns.waiting.remove(turn)
+            elif turn.done() and not turn.cancelled():  # the turn was ours: pass it on
+                turns.active -= 1
+            self._settle(tenant, turns)
+            raise
+
+    def _settle(self, tenant: str, turns: _TenantTurns) -> None:
+        if not turns.active and not turns.waiting:
+            del self._tenants[tenant]
+        self._hand_out()
+
+    def _hand_out(self) -> None:
+        """Start waiting requests, oldest first in each tenant, up to the current limit."""
+        limit = self._limit()
+        for turns in self._tenants.values():
+            while turns.waiting and turns.active < limit:
+                turn = turns.waiting.popleft()
+                if not turn.done():
+                    turns.active += 1
+                    turn.set_result(None)
+
+
+@dataclass(slots=True)
+class _TenantTurns:
+    active: int = 0
+    waiting: deque[asyncio.Future[None]] = field(default_factory=deque)

@@ -210,3 +210,50 @@ async def test_a_tenant_merges_a_bounded_number_of_requests_at_once() -> None:
         async with slots.slot("noisy"):
             pass
     await asyncio.gather(*holders)
+
+
+async def test_a_tenant_alone_merges_more_at_once_than_tenants_sharing_the_node() -> None:
+    slots = TenantSlots(in_flight=6, queue=100, shared=2)
+    inside: dict[str, int] = {"big": 0, "small": 0}
+    most: dict[str, int] = {"big": 0, "small": 0}
+    release = asyncio.Event()
+
+    async def request(tenant: str) -> None:
+        async with slots.slot(tenant):
+            inside[tenant] += 1
+            most[tenant] = max(most[tenant], inside[tenant])
+            await release.wait()
+            inside[tenant] -= 1
+
+    big = [asyncio.create_task(request("big")) for _ in range(10)]
+    await asyncio.sleep(0.01)
+    assert inside["big"] == 6  # alone: the full allowance
+    small = [asyncio.create_task(request("small")) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    assert inside["small"] == 2  # not queued behind the big tenant's waiting requests
+    release.set()
+    await asyncio.gather(*big, *small)
+    assert most == {"big": 6, "small": 2}
+
+
+async def test_a_cancelled_wait_gives_its_turn_away() -> None:
+    slots = TenantSlots(in_flight=1, queue=10)
+    gate = asyncio.Event()
+    order: list[str] = []
+
+    async def request(name: str) -> None:
+        async with slots.slot("t"):
+            order.append(name)
+            await gate.wait()
+
+    first = asyncio.create_task(request("first"))
+    await asyncio.sleep(0)
+    doomed = asyncio.create_task(request("doomed"))
+    last = asyncio.create_task(request("last"))
+    await asyncio.sleep(0)
+    doomed.cancel()
+    gate.set()
+    await asyncio.gather(first, last)
+    assert order == ["first", "last"] and doomed.cancelled()
+    async with slots.slot("t"):  # nothing leaked: the slot is free again
+        pass
