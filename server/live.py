@@ -125,6 +125,7 @@ class LiveRecords:
         self._live: OrderedDict[RecordKey, LiveRecord] = OrderedDict()
         self._loading: dict[RecordKey, asyncio.Future[LiveRecord]] = {}
         self._settling: dict[RecordKey, LiveRecord] = {}
+        self.other_writers = False  # set once another node writes the same database
 
     def __len__(self) -> int:
         return len(self._live)
@@ -150,6 +151,26 @@ class LiveRecords:
             # no await from here on: what is live now is what gets pinned
             if all(k in self._live or k in failed for k in wanted):
                 return self._pin([k for k in wanted if k not in failed])
+
+    async def pin_current(self, keys: list[RecordKey]) -> dict[RecordKey, LiveRecord]:
+        """`pin_many`, reloading any record another node has written past our copy.
+
+        Without this, a device that wrote through one node and then syncs through
+        another could be answered from a copy that lacks its own acknowledged write.
+        """
+        recs = await self.pin_many(keys)
+        if not self.other_writers or not recs:
+            return recs
+        for _ in range(2):
+            stored = await self._store.record_versions(recs)
+            stale = [r for k, r in recs.items() if stored.get(k, 0) > r.version]
+            if not stale:
+                break
+            for rec in stale:
+                self.poison(rec)
+            self.unpin(recs.values())
+            recs = await self.pin_many(keys)
+        return recs
 
     def _pin(self, keys: list[RecordKey]) -> dict[RecordKey, LiveRecord]:
         out = {}
@@ -257,7 +278,7 @@ class LiveRecords:
         return await self._read(key, lambda rec: rec.doc.get_update())
 
     async def _read(self, key: RecordKey, read: Callable[[LiveRecord], bytes]) -> bytes:
-        recs = await self.pin_many([key])
+        recs = await self.pin_current([key])
         try:
             rec = recs.get(key)
             if rec is None or rec.poisoned:

@@ -39,8 +39,10 @@ class Peers:
         """Start from the log's current end: what was committed before is read from the log."""
         heads = await self._pipeline.store.log_heads()
         self.taken = {n: s for n, s in heads.items() if n != self._node}
-        registered = await self._pipeline.store.server_client_ids()
-        self._pipeline.other_nodes = bool(self.taken) or len(registered) > 1
+        # On a shared database another node may start and write at any moment, before
+        # we hear of it: check cached copies from the start.
+        store = self._pipeline.store
+        self._pipeline.live.other_writers = store.shared or bool(self.taken)
         await self._pipeline.store.watch(self._notice)
         self._task = asyncio.create_task(self._run(), name="fieldsync-peers")
 
@@ -87,7 +89,7 @@ class Peers:
         log.info("following nodes %s", ", ".join(new))
         for node in new:
             self.taken[node] = 0
-        self._pipeline.other_nodes = True
+        self._pipeline.live.other_writers = True
         await self._pipeline.owners.load_server_ids()
 
     async def catch_up(self) -> int:

@@ -100,7 +100,6 @@ class Pipeline:
         self.compaction_due: set[RecordKey] = set()
         self.record_writes = Buckets("record", record_rate)
         self.rule_settings = rule_settings
-        self.other_nodes = False  # set once another node writes the same database
         self.merge_retries = 0
         self.peer_entries = 0
 
@@ -132,7 +131,7 @@ class Pipeline:
     async def _attempts(self, keys: list[RecordKey], attempt: Attempt[T]) -> T:
         """Run `attempt` on the pinned records; again on fresh ones if another node moved them."""
         for n in range(1, MERGE_ATTEMPTS + 1):
-            recs = await self._pin_current(keys)
+            recs = await self.live.pin_current(keys)
             try:
                 return await attempt(recs)
             except RecordConflict:
@@ -143,26 +142,6 @@ class Pipeline:
             finally:
                 self.live.unpin(recs.values())
         raise AssertionError("unreachable")
-
-    async def _pin_current(self, keys: list[RecordKey]) -> dict[RecordKey, LiveRecord]:
-        """Pin the records, reloading any that another node has written past our copy.
-
-        Without this, a device that wrote through one node and then syncs through
-        another could be answered from a copy that lacks its own acknowledged write.
-        """
-        recs = await self.live.pin_many(keys)
-        if not self.other_nodes or not recs:
-            return recs
-        for _ in range(2):
-            stored = await self.store.record_versions(recs)
-            stale = [r for k, r in recs.items() if stored.get(k, 0) > r.version]
-            if not stale:
-                break
-            for rec in stale:
-                self.live.poison(rec)
-            self.live.unpin(recs.values())
-            recs = await self.live.pin_many(keys)
-        return recs
 
     # -- reads of live records (for sockets that hold a record open) ---------
 

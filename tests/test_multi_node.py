@@ -20,6 +20,7 @@ from crdt_models.yupdate import inspect_state_vector
 from server.app import create_app
 from server.config import Config
 from tests.helpers import Api, Replica, SocketDevice, token
+from tests.test_yjs_socket import open_peer
 
 Node = Callable[[str], Awaitable[TestClient]]
 TOKEN = token("t1", ("bu1",), "u1")
@@ -145,3 +146,25 @@ async def test_a_cursor_from_one_node_resumes_on_the_other(node: Node) -> None:
         )
     resumed, _ = await on_a.pull_all("activity", cursor, limit=4)
     assert sorted(c["record_id"] for c in resumed) == sorted(later)  # no gap, no duplicate
+
+
+async def test_a_yjs_client_on_one_node_gets_writes_just_acknowledged_by_the_other(
+    node: Node, config: Config
+) -> None:
+    if not config.db.startswith("postgresql"):
+        pytest.skip("SQLite nodes hear of a new node only by polling (not a supported setup)")
+    a, b = await node("node-a"), await node("node-b")
+    rid = str(uuid.uuid4())
+    phone = Replica()
+    create = phone.set(jobdesc="before", jobstatus="ASSIGNED")
+    await Api(a, TOKEN, "dev-a").push(
+        "activity", [{"record_id": rid, "bu": "bu1", "update": create}]
+    )
+    peer = await open_peer(a, rid)  # node a now holds the record in memory
+    assert peer.replica.state()["jobdesc"] == "before"
+    await peer.ws.close()
+    edit = phone.set(jobdesc="after")
+    await Api(b, TOKEN, "dev-a").push("activity", [{"record_id": rid, "update": edit}])
+    again = await open_peer(a, rid)  # at once: no waiting for node a to hear of it
+    assert again.replica.state()["jobdesc"] == "after"
+    await again.ws.close()
