@@ -94,9 +94,10 @@ class YjsPeer:
         principal: Principal = self.actor.principal
         self.svc.hub.subscribe(self.feed)
         self.room = self.svc.yjs_rooms.join(self.key, self)
-        sender = asyncio.create_task(self._deliver(), name="fieldsync-yjs-deliver")
+        sender: asyncio.Task[None] | None = None
         try:
-            await self._greet()
+            await self._greet()  # sync step 1 goes first; what commits meanwhile is buffered
+            sender = asyncio.create_task(self._deliver(), name="fieldsync-yjs-deliver")
             async with asyncio.timeout(max(0.0, principal.expires_at - time.time())):
                 await self._receive()
         except TimeoutError:
@@ -108,9 +109,10 @@ class YjsPeer:
         finally:
             self.svc.hub.unsubscribe(self.feed)
             self.svc.yjs_rooms.leave(self.key, self)
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sender
+            if sender is not None:
+                sender.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sender
 
     async def _greet(self) -> None:
         sv = await self.svc.live.state_vector(self.key)
