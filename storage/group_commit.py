@@ -12,9 +12,10 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .base import RecordConflict, StorageError, StorageUnavailable
-from .types import NodeId, Position, WriteBatch
+from .types import NodeId, Position, Seq, WriteBatch
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,32 @@ class GroupCommitted:
         if batch.entries and self._node is None:
             raise StorageError("register_node() must run before entries are appended")
         return await self._committer.submit(batch)
+
+
+def number_entries(
+    batches: Sequence[WriteBatch], node: NodeId | None, first_seq: int, now: float
+) -> tuple[list[list[Position]], list[tuple[Any, ...]]]:
+    """Give the group's entries this node's next seqs, from `first_seq`.
+
+    Returns each batch's positions and the log rows: node_id, seq, tenant, domain,
+    record_id, bu, update, version, origin, actor, device, decisions, received_at.
+    """
+    positions: list[list[Position]] = []
+    rows: list[tuple[Any, ...]] = []
+    seq = first_seq
+    for batch in batches:
+        mine = []
+        for e in batch.entries:
+            assert node is not None, "register_node() runs before entries are appended"
+            mine.append(Position(node, Seq(seq)))
+            k = e.key
+            rows.append(
+                (node, seq, *k, e.bu, e.update, e.version, e.origin, e.actor, e.device)
+                + (e.decisions, now)
+            )
+            seq += 1
+        positions.append(mine)
+    return positions, rows
 
 
 def _failure(exc: Exception) -> StorageUnavailable:

@@ -29,7 +29,7 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped]
 
 from .base import CommitNotice, RecordConflict, StorageError, StorageUnavailable, Store
-from .group_commit import GroupCommitted, GroupCommitter, GroupPolicy
+from .group_commit import GroupCommitted, GroupCommitter, GroupPolicy, number_entries
 from .postgres_schema import MIGRATION_LOCK, MIGRATIONS, SCHEMA_VERSION, SCHEMA_VERSION_TABLE
 from .types import (
     IdempotencyRow,
@@ -414,11 +414,15 @@ class PostgresStore(GroupCommitted, Store):
                     )
                 )
             now = time.time()
-            positions, log_columns = self._number_entries(batches, now)
-            await self._write_rows(conn, batches, log_columns, now)
-            if appends:
-                last = log_columns[1][-1]
-                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, f"{self._node} {last}")
+            first = self._next_seq or 0  # not None whenever there is an entry to number
+            positions, rows = number_entries(batches, self._node, first, now)
+            if rows:
+                self._next_seq = first + len(rows)
+            await self._write_rows(conn, batches, [list(c) for c in zip(*rows)], now)
+            if rows:
+                await conn.execute(
+                    "SELECT pg_notify($1, $2)", CHANNEL, f"{self._node} {rows[-1][1]}"
+                )
             await transaction.commit()
         except BaseException as exc:
             await self._abandon(conn, transaction, exc)
@@ -468,40 +472,6 @@ class PostgresStore(GroupCommitted, Store):
             self._writer = None
         conn.terminate()
 
-    def _number_entries(
-        self, batches: Sequence[WriteBatch], now: float
-    ) -> tuple[list[list[Position]], list[list[Any]]]:
-        node = self._node
-        positions: list[list[Position]] = []
-        columns: list[list[Any]] = [[] for _ in range(13)]
-        for batch in batches:
-            mine = []
-            for entry in batch.entries:
-                assert node is not None and self._next_seq is not None
-                seq = Seq(self._next_seq)
-                self._next_seq += 1
-                mine.append(Position(node, seq))
-                k = entry.key
-                row = (
-                    node,
-                    seq,
-                    k.tenant,
-                    k.domain,
-                    k.record_id,
-                    entry.bu,
-                    entry.update,
-                    entry.version,
-                    entry.origin,
-                    entry.actor,
-                    entry.device,
-                    entry.decisions,
-                    now,
-                )
-                for column, value in zip(columns, row):
-                    column.append(value)
-            positions.append(mine)
-        return positions, columns
-
     async def _write_rows(
         self,
         conn: Connection,
@@ -510,7 +480,7 @@ class PostgresStore(GroupCommitted, Store):
         now: float,
     ) -> None:
         writes = versioned_writes(batches)  # a group that skips a version fails before I/O
-        if log_columns[0]:
+        if log_columns:
             await conn.execute(_INSERT_LOG, *log_columns)
         await self._write_records(conn, writes, now)
         await self._write_claims(conn, batches, now)

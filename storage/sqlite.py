@@ -16,7 +16,7 @@ from typing import Any
 import aiosqlite
 
 from .base import RecordConflict, StorageError, StorageUnavailable, Store
-from .group_commit import GroupCommitted, GroupCommitter, GroupPolicy
+from .group_commit import GroupCommitted, GroupCommitter, GroupPolicy, number_entries
 from .sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 from .types import (
     IdempotencyRow,
@@ -147,7 +147,8 @@ class SQLiteStore(GroupCommitted, Store):
         conn = self._conn(self._writer)
         now = time.time()
         first_seq = self._next_seq
-        positions, log_rows = self._number_entries(batches, now)
+        positions, log_rows = number_entries(batches, self._node, first_seq, now)
+        self._next_seq += len(log_rows)
         await conn.execute("BEGIN IMMEDIATE")
         try:
             await self._write_rows(conn, batches, log_rows, now)
@@ -157,40 +158,6 @@ class SQLiteStore(GroupCommitted, Store):
             await _rollback(conn)
             raise
         return positions
-
-    def _number_entries(
-        self, batches: Sequence[WriteBatch], now: float
-    ) -> tuple[list[list[Position]], list[tuple[Any, ...]]]:
-        node = self._node
-        positions: list[list[Position]] = []
-        rows: list[tuple[Any, ...]] = []
-        for batch in batches:
-            mine = []
-            for entry in batch.entries:
-                assert node is not None
-                seq = Seq(self._next_seq)
-                self._next_seq += 1
-                mine.append(Position(node, seq))
-                k = entry.key
-                rows.append(
-                    (
-                        node,
-                        seq,
-                        k.tenant,
-                        k.domain,
-                        k.record_id,
-                        entry.bu,
-                        entry.update,
-                        entry.version,
-                        entry.origin,
-                        entry.actor,
-                        entry.device,
-                        entry.decisions,
-                        now,
-                    )
-                )
-            positions.append(mine)
-        return positions, rows
 
     async def _write_rows(
         self,
