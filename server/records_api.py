@@ -83,7 +83,7 @@ async def _visible_record(svc: Services, principal: Principal, key: RecordKey) -
 async def decision_history(svc: Services, key: RecordKey) -> list[dict[str, Any]]:
     """The record's decisions, newest last: which rule repaired what, when, for whom."""
     shown: list[dict[str, Any]] = []
-    for entry in await svc.store.record_log(key):
+    for entry in await svc.store.record_decisions(key, DECISION_HISTORY):
         for decision in json.loads(entry.decisions):
             shown.append(
                 {

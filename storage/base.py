@@ -130,6 +130,11 @@ class Store(abc.ABC):
         """Every log entry of one record, in log order (for inspection and decision history)."""
 
     @abc.abstractmethod
+    async def record_decisions(self, key: RecordKey, limit: int) -> list[LogEntry]:
+        """The record's last `limit` entries that carry decisions, in log order, without
+        their update bytes (`update` is empty): the decision history, cheap to read."""
+
+    @abc.abstractmethod
     async def get_idempotency(
         self, tenant: str, user: str, key: str, now: float
     ) -> IdempotencyRow | None:

@@ -737,6 +737,16 @@ class PostgresStore(GroupCommitted, Store):
         )
         return [_log_entry(r) for r in rows]
 
+    async def record_decisions(self, key: RecordKey, limit: int) -> list[LogEntry]:
+        columns = _LOG_COLUMNS.replace("update_bytes", "''::bytea")
+        rows = await self._fetch(
+            f"SELECT {columns} FROM log WHERE tenant = $1 AND domain = $2 AND record_id = $3"
+            " AND decisions <> '[]' ORDER BY received_at DESC, node_id DESC, seq DESC LIMIT $4",
+            *key,
+            limit,
+        )
+        return [_log_entry(r) for r in reversed(rows)]
+
     async def get_idempotency(
         self, tenant: str, user: str, key: str, now: float
     ) -> IdempotencyRow | None:

@@ -389,6 +389,15 @@ class SQLiteStore(GroupCommitted, Store):
         )
         return [_log_entry(r) for r in rows]
 
+    async def record_decisions(self, key: RecordKey, limit: int) -> list[LogEntry]:
+        columns = _LOG_COLUMNS.replace("update_bytes", "X''")
+        rows = await self._read(
+            f"SELECT {columns} FROM log WHERE tenant = ? AND domain = ? AND record_id = ?"
+            " AND decisions <> '[]' ORDER BY received_at DESC, node_id DESC, seq DESC LIMIT ?",
+            (*key, limit),
+        )
+        return [_log_entry(r) for r in reversed(rows)]
+
     async def get_idempotency(
         self, tenant: str, user: str, key: str, now: float
     ) -> IdempotencyRow | None:

@@ -251,3 +251,17 @@ async def test_record_versions(store: Store) -> None:
     missing = RecordKey("t1", "activity", "nope")
     foreign = RecordKey("t2", "activity", KEY.record_id)
     assert await store.record_versions([KEY, other, missing, foreign, KEY]) == {KEY: 2, other: 1}
+
+
+async def test_record_decisions_are_the_last_entries_with_decisions(store: Store) -> None:
+    for v in range(1, 6):
+        batch = _write(KEY, v, b"u%d" % v)
+        if v % 2:
+            decided = f'[{{"rule": "r{v}"}}]'
+            batch.entries.append(NewEntry(KEY, "bu1", b"fix", v, "server", "u", None, decided))
+        await store.commit(batch)
+    entries = await store.record_decisions(KEY, 2)
+    assert [e.decisions for e in entries] == ['[{"rule": "r3"}]', '[{"rule": "r5"}]']
+    assert all(e.update == b"" and e.origin == "server" for e in entries)
+    assert len(await store.record_decisions(KEY, 10)) == 3
+    assert await store.record_decisions(RecordKey("t2", KEY.domain, KEY.record_id), 10) == []
