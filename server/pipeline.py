@@ -9,6 +9,7 @@ the device socket and the Yjs socket later). The merge itself is pure CPU with n
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -463,14 +464,24 @@ class Pipeline:
     async def _commit(self, merge: _Merge) -> None:
         if merge.batch.is_empty():
             return
+
+        # On failure at once: a request resuming before ours must not merge on these docs.
+        # (A partial, not a closure over `merge`: that would make batch and merge a cycle.)
+        discard = functools.partial(self._discard, list(merge.touched.values()), merge.claims)
+        merge.batch.on_failure = discard
         try:
             positions = await self.store.commit(merge.batch)
         except StorageUnavailable:
-            for rec in merge.touched.values():
-                self.live.poison(rec)
-            self.owners.forget(merge.claims)
+            discard()  # also when the store refused it before it reached the committer
             raise
+        finally:
+            merge.batch.on_failure = None
         self._fan_out(merge.batch, positions)
+
+    def _discard(self, touched: list[LiveRecord], claims: list[tuple[str, int]]) -> None:
+        for rec in touched:
+            self.live.poison(rec)
+        self.owners.forget(claims)
 
     def _fan_out(self, batch: WriteBatch, positions: list[Position]) -> None:
         if not self.listeners or not positions:

@@ -91,8 +91,8 @@ class GroupCommitter:
             failure = _failure(exc)
             level = logging.INFO if isinstance(failure, RecordConflict) else logging.ERROR
             log.log(level, "group commit of %d batches failed: %s", len(group), exc)
-            for _, fut in group:
-                _fail(fut, failure)
+            for batch, fut in group:
+                _fail(batch, fut, failure)
             self._fail_queued(failure)
             return
         self.groups_committed += 1
@@ -103,9 +103,9 @@ class GroupCommitter:
 
     def _fail_queued(self, failure: StorageUnavailable) -> None:
         while not self._queue.empty():
-            _, fut = self._queue.get_nowait()
+            batch, fut = self._queue.get_nowait()
             self._queue.task_done()
-            _fail(fut, failure)
+            _fail(batch, fut, failure)
 
 
 class GroupCommitted:
@@ -155,6 +155,11 @@ def _failure(exc: Exception) -> StorageUnavailable:
     return StorageUnavailable(f"commit failed: {exc}")
 
 
-def _fail(fut: asyncio.Future[list[Position]], exc: BaseException) -> None:
+def _fail(batch: WriteBatch, fut: asyncio.Future[list[Position]], exc: BaseException) -> None:
+    if batch.on_failure is not None:
+        try:
+            batch.on_failure()
+        except Exception:  # noqa: BLE001 - the failure must still reach the caller
+            log.exception("a failed batch's on_failure hook failed")
     if not fut.done():
         fut.set_exception(exc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple, NewType
 
@@ -139,6 +140,9 @@ class WriteBatch:
     folds: list[Fold] = field(default_factory=list)
     quarantine: list[QuarantineItem] = field(default_factory=list)
     expire_before: float | None = None
+    # Called at once when the batch fails, before its caller is told: what the caller
+    # built on top of it in memory must be discarded before anyone else can use it.
+    on_failure: Callable[[], None] | None = None
 
     def is_empty(self) -> bool:
         return not (
