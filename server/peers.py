@@ -37,13 +37,13 @@ class Peers:
 
     async def start(self) -> None:
         """Start from the log's current end: what was committed before is read from the log."""
-        heads = await self._pipeline.store.log_heads()
+        store = self._pipeline.store
+        heads = await store.log_heads()
         self.taken = {n: s for n, s in heads.items() if n != self._node}
         # On a shared database another node may start and write at any moment, before
         # we hear of it: check cached copies from the start.
-        store = self._pipeline.store
         self._pipeline.live.other_writers = store.shared or bool(self.taken)
-        await self._pipeline.store.watch(self._notice)
+        await store.watch(self._notice)
         self._task = asyncio.create_task(self._run(), name="fieldsync-peers")
 
     async def stop(self) -> None:
