@@ -11,6 +11,7 @@ import dataclasses
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -168,3 +169,20 @@ async def test_a_yjs_client_on_one_node_gets_writes_just_acknowledged_by_the_oth
     again = await open_peer(a, rid)  # at once: no waiting for node a to hear of it
     assert again.replica.state()["jobdesc"] == "after"
     await again.ws.close()
+
+
+async def test_a_node_on_a_shared_database_keeps_its_registered_id(
+    aiohttp_client: Any, config: Config, tmp_path: Path
+) -> None:
+    if not config.db.startswith("postgresql"):
+        pytest.skip("a SQLite database keeps its one node itself")
+    kept = tmp_path / "node.id"
+    unnamed = dataclasses.replace(config, node_id=None, node_file=str(kept))
+    first = await aiohttp_client(create_app(unnamed))
+    node_id = (await (await first.get("/healthz")).json())["node"]
+    assert kept.read_text().strip() == node_id
+    await first.close()
+    again = await aiohttp_client(create_app(unnamed))
+    assert (await (await again.get("/healthz")).json())["node"] == node_id
+    other = await aiohttp_client(create_app(dataclasses.replace(unnamed, node_file=None)))
+    assert (await (await other.get("/healthz")).json())["node"] != node_id
