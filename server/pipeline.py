@@ -9,10 +9,12 @@ the device socket and the Yjs socket later). The merge itself is pure CPU with n
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
 import math
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,7 +50,9 @@ from .ratelimit import Buckets, Rate, RateSettings
 log = logging.getLogger(__name__)
 
 QUARANTINE_BYTES = 64 << 10
-MERGE_ATTEMPTS = 5  # another node moving a record first costs a reload and a new merge
+MERGE_ATTEMPTS = 8  # another node moving a record first costs a reload and a new merge
+RETRY_PAUSE_S = 0.004  # up to this many seconds times the attempt, at random: nodes that
+# collided on a record do not collide again in step
 DEFAULT_RATES = RateSettings()
 DEFAULT_RULE_SETTINGS = RuleSettings()
 Listener = Callable[[Sequence[LogEntry]], None]
@@ -142,6 +146,7 @@ class Pipeline:
                 log.info("records moved on elsewhere; merging again (attempt %d)", n + 1)
             finally:
                 self.live.unpin(recs.values())
+            await asyncio.sleep(random.uniform(0, RETRY_PAUSE_S * n))
         raise AssertionError("unreachable")
 
     # -- reads of live records (for sockets that hold a record open) ---------
