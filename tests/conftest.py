@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from server.app import create_app
 from server.config import Config
@@ -26,6 +27,9 @@ from storage.sqlite import SQLiteStore
 from storage.types import NodeId
 from tests.helpers import GENEROUS, SECRET, Api, token
 from tests.pg_cluster import DatabaseSupply, PostgresCluster, find_bin_dir
+
+# the example database stays under tests/, not at the top of the checkout
+set_hypothesis_home_dir(str(Path(__file__).parent / ".hypothesis"))
 
 STORE_BACKENDS = ["sqlite", "postgres"]
 
