@@ -11,11 +11,11 @@ from pathlib import Path
 
 from aiohttp import web
 
-from storage import Store, open_store
+from storage import StorageError, Store, open_store
 from storage.types import NodeId, NodeInfo
 
 from . import device_socket, ops_api, records_api, sync_api, yjs_socket
-from .auth import TokenVerifier
+from .auth import TokenVerifier, is_valid_id
 from .awareness import Rooms
 from .compaction import run_periodically
 from .config import Config
@@ -91,7 +91,9 @@ async def _register(config: Config, store: Store) -> NodeInfo:
     node_id = config.node_id
     kept = Path(config.node_file) if config.node_file and store.shared else None
     if node_id is None and kept is not None and kept.exists():
-        node_id = kept.read_text().strip() or None
+        node_id = kept.read_text().strip()
+        if not is_valid_id(node_id):
+            raise StorageError(f"{kept} does not hold a node id; remove it or pass --node-id")
     node = await store.register_node(
         NodeId(node_id) if node_id else None, secrets.randbelow(MAX_CLIENT_ID) + 1
     )

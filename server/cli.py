@@ -20,10 +20,10 @@ from pycrdt import Map
 
 from crdt_models import record as records
 from crdt_models.context import Geofence, RuleSettings
-from storage import RecordKey, open_store
+from storage import RecordKey, StorageError, open_store
 
 from . import gctune
-from .auth import mint_token, resolve_public_key, resolve_secret
+from .auth import is_valid_id, mint_token, resolve_public_key, resolve_secret
 from .compaction import compact_due
 from .config import Config, SocketSettings
 from .handshake import HandshakeSettings, guard_app
@@ -95,6 +95,7 @@ def _serve_options(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument(
         "--node-id",
+        type=node_id,
         default=os.environ.get("FIELDSYNC_NODE_ID"),
         help="this node's id in the change log (several nodes on one database: one each)",
     )
@@ -191,7 +192,7 @@ def _serve_options(serve: argparse.ArgumentParser) -> None:
         serve,
         "--tenant-merges",
         "FIELDSYNC_TENANT_MERGES",
-        int,
+        positive_int,
         str(RateSettings().tenant_in_flight),
         "sync requests of one tenant merged at once (the rest queue behind them)",
     )
@@ -205,9 +206,20 @@ def _env_option(
     default: str,
     help_text: str,
 ) -> None:
-    """A flag whose default comes from an environment variable, else `default`."""
+    """A flag whose default comes from an environment variable, else `default`.
+
+    The default stays a string: argparse converts it like a typed value, so a bad
+    environment variable gets the same one-line error as a bad flag.
+    """
+
+    def typed(value: str) -> object:
+        try:
+            return convert(value)
+        except ValueError as exc:  # argparse would show only the converter's name
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
     parser.add_argument(
-        flag, type=convert, default=convert(os.environ.get(env, default)), help=help_text
+        flag, type=typed, default=os.environ.get(env, default), help=f"{help_text} (env {env})"
     )
 
 
@@ -245,6 +257,21 @@ def parse_size(value: str) -> int:
     if not number.isdigit() or unit not in units:
         raise argparse.ArgumentTypeError(f"a size is like 512MiB or 4GiB, not {value!r}")
     return int(number) * units[unit]
+
+
+def positive_int(value: str) -> int:
+    if not value.strip().isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {value!r}")
+    return int(value)
+
+
+def node_id(value: str) -> str:
+    if not is_valid_id(value):
+        raise argparse.ArgumentTypeError(
+            f"a node id is 1-128 letters, digits and _.:@- (starting with a letter or digit),"
+            f" not {value!r}"
+        )
+    return value
 
 
 def parse_switch(value: str) -> bool:
@@ -308,7 +335,10 @@ def _serve(args: argparse.Namespace) -> None:
         gctune.tune(app)
     guard = HandshakeSettings(args.head_timeout, args.max_pending_connections)
     loop = guard_app(app, guard) if guard.head_timeout_s > 0 or guard.max_pending > 0 else None
-    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None, loop=loop)
+    try:
+        web.run_app(app, host=args.host, port=args.port, print=None, access_log=None, loop=loop)
+    except StorageError as exc:  # the database refused or is unreachable at start
+        raise SystemExit(f"fieldsync: {exc}") from None
 
 
 def _welcome(args: argparse.Namespace, secret_source: str) -> str:
