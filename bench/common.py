@@ -49,7 +49,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 SECRET = "bench-secret-with-enough-entropy-0123456789abcdef"
 # A benchmark measures capacity, not policy: the server's per-device/user/tenant rate limits
@@ -1036,6 +1036,41 @@ def backend_databases(args: argparse.Namespace) -> Iterator[dict[str, Databases]
     pg_spec = args.db if args.db != "sqlite" else "pg"
     with Databases("sqlite") as lite, Databases(pg_spec, keep=args.keep_db) as pg:
         yield {"sqlite": lite, "postgresql": pg}
+
+
+R = TypeVar("R")
+
+
+def requested_backend(args: argparse.Namespace) -> Backend:
+    """The one configuration `--db` and `--nodes` ask for (without `--compare`)."""
+    return Backend(db_kind(args.db), args.nodes)
+
+
+def run_backends(
+    args: argparse.Namespace,
+    run_one: Callable[[Databases, Backend], R],
+    report: Callable[[R], dict[str, Any]],
+) -> tuple[list[R], list[dict[str, Any]]]:
+    """Run every configuration of `--compare` (else the one asked for) on fresh nodes and a
+    fresh database; returns the runs and each run's report."""
+    backends = args.configs if args.compare else [requested_backend(args)]
+    runs: list[R] = []
+    reports: list[dict[str, Any]] = []
+    with backend_databases(args) as databases:
+        for backend in backends:
+            print(f"\n===== {backend.label} =====", flush=True)
+            runs.append(run_one(databases[backend.kind], backend))
+            reports.append(report(runs[-1]))
+    return runs, reports
+
+
+def results_header(args: argparse.Namespace) -> dict[str, Any]:
+    """What every results file starts with: the machine, the code and the settings."""
+    return {
+        "machine": machine_info(),
+        "code": args.code_version,
+        "settings": jsonable_settings(vars(args)),
+    }
 
 
 def print_side_by_side(

@@ -103,12 +103,9 @@ from common import (
     Nodes,
     Profiler,
     add_backend_options,
-    backend_databases,
     check_backend_options,
     classify,
     code_version,
-    db_kind,
-    jsonable_settings,
     loadavg,
     machine_info,
     mint,
@@ -116,6 +113,9 @@ from common import (
     own_cpu_seconds,
     percentile,
     print_side_by_side,
+    requested_backend,
+    results_header,
+    run_backends,
     running_nodes,
     sqlite_log_rows_by_tenant,
     summarize_profile,
@@ -1158,13 +1158,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.compare:
         default_name = "http_sync_compare.json"
     elif args.db != "sqlite" or args.nodes > 1:  # keep the SQLite baseline's file
-        default_name = default_name.replace(".json", f"_{single_backend(args).key}.json")
+        default_name = default_name.replace(".json", f"_{requested_backend(args).key}.json")
     args.out = args.out or RESULTS_DIR / default_name.replace(":", "_n")
     return args
-
-
-def single_backend(args: argparse.Namespace) -> Backend:
-    return Backend(db_kind(args.db), args.nodes)
 
 
 def profile_suffix(batch: int) -> str:
@@ -1280,20 +1276,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.loadavg = loadavg()
     args.code_version = code_version()
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    backends = args.configs if args.compare else [single_backend(args)]
-    runs: list[Run] = []
-    payloads: list[dict[str, Any]] = []
     started = time.perf_counter()
-    with backend_databases(args) as databases:
-        for backend in backends:
-            print(f"\n===== {backend.label} =====", flush=True)
-            runs.append(run_backend(args, databases[backend.kind], backend))
-            payloads.append(report(args, runs[-1]))
-    payload: dict[str, Any] = {
-        "machine": machine_info(),
-        "code": args.code_version,
-        "settings": jsonable_settings(vars(args)),
-    }
+    runs, payloads = run_backends(
+        args,
+        lambda databases, backend: run_backend(args, databases, backend),
+        lambda run: report(args, run),
+    )
+    payload = results_header(args)
     if args.compare:
         payload |= {"table": print_comparison(args, runs), "runs": payloads}
     else:

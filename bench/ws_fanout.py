@@ -103,12 +103,9 @@ from common import (
     Nodes,
     Profiler,
     add_backend_options,
-    backend_databases,
     check_backend_options,
     classify,
     code_version,
-    db_kind,
-    jsonable_settings,
     loadavg,
     machine_info,
     mint,
@@ -116,6 +113,8 @@ from common import (
     print_side_by_side,
     print_table,
     raise_nofile_limit,
+    results_header,
+    run_backends,
     running_nodes,
     summarize_profile,
     write_json,
@@ -1126,19 +1125,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if nofile < needed:
         print(f"warning: open-file limit {nofile} < {needed}; some sockets will fail")
     started = time.perf_counter()
-    backends = args.configs if args.compare else [Backend(db_kind(args.db), args.nodes)]
-    runs: list[BackendRun] = []
-    payloads: list[dict[str, Any]] = []
-    with backend_databases(args) as databases:
-        for backend in backends:
-            print(f"\n===== {backend.label} =====", flush=True)
-            runs.append(run_backend(args, databases[backend.kind], backend, nofile))
-            payloads.append(report(args, runs[-1]))
-    payload: dict[str, Any] = {
-        "machine": machine_info(),
-        "code": args.code_version,
-        "settings": jsonable_settings(vars(args)),
-    }
+    runs, payloads = run_backends(
+        args,
+        lambda databases, backend: run_backend(args, databases, backend, nofile),
+        lambda run: report(args, run),
+    )
+    payload = results_header(args)
     if args.compare:
         print()
         table = print_side_by_side(
