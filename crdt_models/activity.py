@@ -5,7 +5,9 @@ Rules, after the shared type and meta checks:
 - ``jobstatus`` only moves forward (``FLOW``): ASSIGNED -> INPROGRESS/WORKING/STANDBY
   (a technician pauses and resumes among these) -> PARTIALLYCOMPLETED -> COMPLETED;
   COMPLETED and AUTOCLOSED are final; a status is never cleared. A new record may
-  start in any status but AUTOCLOSED.
+  start in any status but AUTOCLOSED. Across concurrent edits too: a status further
+  along that a concurrent edit hid in the merge (Yjs keeps the higher client id's
+  value) is put back before the other rules run.
 - AUTOCLOSED is set by the server's own jobs only (``Origin.SERVER``), never by a
   device or the back office.
 - ``endtime`` is not before ``starttime``; ``expirydatetime`` is not before
@@ -94,6 +96,7 @@ def autoclosed_by_server_only(
 
 RULES: tuple[Rule, ...] = (
     *common.base_rules(FIELDS),
+    common.keep_hidden_advance(RULE_FLOW, JOBSTATUS, FLOW.beats, FLOW.why_kept),
     autoclosed_by_server_only,
     common.forward_only(RULE_FLOW, FLOW),
     common.ordered_times(RULE_END, STARTTIME, ENDTIME),

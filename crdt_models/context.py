@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from crdt_models.written import WrittenValues
 
 
 class Origin(StrEnum):
@@ -72,6 +76,8 @@ class Context:
 
     ``user`` is the principal the change is attributed to (the device's user, the
     back-office user, or the server's own name for ``Origin.SERVER`` jobs).
+    ``written`` reads the values the merged updates wrote, including those a
+    concurrent write hid (None: the merge wrote through the server, nothing is hidden).
     """
 
     user: str
@@ -81,6 +87,7 @@ class Context:
     now: datetime
     bu: str | None = None
     settings: RuleSettings = DEFAULT_SETTINGS
+    written: WrittenValues | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.now.tzinfo is None:

@@ -6,7 +6,9 @@ Rules, after the shared type and meta checks:
   entries (``history.protect_history``): what they do to it is undone.
 - **Escalation is preserved.** ``level`` never drops through a device merge, whatever
   the device's roles; a back-office user with the ``supervisor`` role may lower it
-  (one without may not); the server's own jobs may.
+  (one without may not); the server's own jobs may. An escalation a concurrent
+  edit hid in the merge (Yjs keeps the higher client id's value) is put back before
+  the other rules run.
 - ``isescalated`` always equals ``level > 0`` (empty counts as false). The server
   keeps it so; a device that wrote a wrong value gets a decision, a value that merely
   follows a ``level`` change does not.
@@ -22,6 +24,7 @@ from crdt_models.constraints import Context, Correction, Origin
 from crdt_models.history import protect_history, record_history
 from crdt_models.record import HISTORY_ROOT, RecordState
 from crdt_models.schema import Field, FieldType, Rule, build_model
+from crdt_models.values import problem
 
 NAME = "helpdesk"
 
@@ -52,6 +55,21 @@ RULE_HISTORY = "helpdesk.history"
 def level_of(state: RecordState | None) -> float:
     """The escalation level; an empty level is 0."""
     return common.number_of(state, LEVEL.name) or 0.0
+
+
+def level_beats(new: object, current: object) -> bool:
+    """Is ``new`` a valid level above ``current`` (an empty level is 0)?"""
+    if new is None or isinstance(new, bool) or problem(LEVEL, new) is not None:
+        return False
+    assert isinstance(new, (int, float))
+    return new > (current if isinstance(current, (int, float)) else 0)
+
+
+def why_level_kept(hidden: object, current: object) -> str:
+    return (
+        f"an escalation to level {common.shown(hidden)} in this merge was hidden by a"
+        f" concurrent level {common.shown(current)}; escalations are never lost"
+    )
 
 
 def may_lower_level(ctx: Context) -> bool:
@@ -96,6 +114,7 @@ def isescalated_follows_level(
 
 RULES: tuple[Rule, ...] = (
     *common.base_rules(FIELDS),
+    common.keep_hidden_advance(RULE_LEVEL, LEVEL, level_beats, why_level_kept),
     protect_history,
     level_never_drops,
     isescalated_follows_level,

@@ -13,7 +13,7 @@ the server's own repairs never trigger further repairs (no ping-pong).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -218,6 +218,51 @@ class StatusFlow:
         if old in self.terminal:
             return f"{name} {shown(old)} is final; it cannot change to {shown(new)}"
         return f"{name} only moves forward: {shown(old)} cannot go back to {shown(new)}"
+
+    def beats(self, new: object, current: object) -> bool:
+        """Is ``new`` a status further along than ``current`` (which may be none)?"""
+        if not isinstance(new, str) or new not in self.ranks:
+            return False
+        if not isinstance(current, str) or current not in self.ranks:
+            return True
+        return current not in self.terminal and self.ranks[new] > self.ranks[current]
+
+    def why_kept(self, hidden: object, current: object) -> str:
+        name = self.field.name
+        return (
+            f"{name} {shown(hidden)} from this merge was hidden by a concurrent"
+            f" {shown(current)}; {name} only moves forward, so {shown(hidden)} stays"
+        )
+
+
+def keep_hidden_advance(
+    rule_name: str,
+    field: Field,
+    beats: Callable[[object, object], bool],
+    why: Callable[[object, object], str],
+) -> Rule:
+    """Put back a value this merge wrote that a concurrent write hid, if it ``beats`` the
+    value that won (``crdt_models.written`` says why Yjs hides it).
+
+    It goes right after the type checks, so the rules after it judge the kept value
+    exactly as if it had won the merge (a value the writer may not set is undone).
+    ``beats`` must accept only values the field's type allows.
+    """
+
+    def rule(before: RecordState | None, after: RecordState, ctx: Context) -> list[Correction]:
+        if ctx.written is None:
+            return []
+        current = value_of(after, field.name)
+        best: object = None
+        for value in ctx.written.for_field(field.name, lambda v: beats(v, current)):
+            if best is None or beats(value, best):
+                best = value
+        if best is None:
+            return []
+        return [Correction(rule_name, field.name, current, best, why(best, current))]
+
+    rule.__name__ = rule.__qualname__ = f"keep_hidden_advance_{field.name}"
+    return rule
 
 
 def forward_only(rule_name: str, flow: StatusFlow) -> Rule:

@@ -4,7 +4,8 @@ Rules, after the shared type and meta checks:
 
 - ``workstatus`` follows ASSIGNED -> INPROGRESS -> COMPLETED, or CANCELLED from an
   open state (ASSIGNED, INPROGRESS); COMPLETED and CANCELLED are final; a status is
-  never cleared. A new record may start in any status.
+  never cleared. A new record may start in any status. A status further along that a
+  concurrent edit hid in the merge is put back before the other rules run.
 - A permit is decided by an ``approver`` (a device or back-office user with that
   role; the server's own jobs too): only they set ``workpermit`` to APPROVED or
   REJECTED, change a decided permit, or waive a required one (to NOT_REQUIRED or
@@ -112,6 +113,7 @@ def no_start_without_permit(
 
 RULES: tuple[Rule, ...] = (
     *common.base_rules(FIELDS),
+    common.keep_hidden_advance(RULE_FLOW, WORKSTATUS, FLOW.beats, FLOW.why_kept),
     common.forward_only(RULE_FLOW, FLOW),
     permit_by_approver,
     no_start_without_permit,

@@ -26,6 +26,7 @@ from crdt_models import record as records
 from crdt_models.context import RuleSettings
 from crdt_models.registry import get_model
 from crdt_models.schema import DomainModel
+from crdt_models.written import WrittenValues
 from crdt_models.yupdate import UpdateShape, encode_state_vector
 from storage import RecordConflict, RecordKey, StorageUnavailable, Store
 from storage.types import (
@@ -214,7 +215,9 @@ class Pipeline:
         self._stage(actor, rec, rec.bu, edit, compensation, decisions, merge)
         return ItemResult(rec.key.record_id, "merged", rec.version, compensation, decisions)
 
-    def _context(self, actor: Actor, bu: str, now: datetime) -> constraints.Context:
+    def _context(
+        self, actor: Actor, bu: str, now: datetime, written: WrittenValues | None = None
+    ) -> constraints.Context:
         principal = actor.principal
         return constraints.Context(
             principal.user,
@@ -224,6 +227,7 @@ class Pipeline:
             now,
             bu,
             self.rule_settings,
+            written,
         )
 
     # -- decode and authorize ---------------------------------------------
@@ -283,6 +287,7 @@ class Pipeline:
         self._check_ownership(actor, c.shape, sv, merge)
         created = not rec.exists
         before = rec.state
+        held = dict(rec.pending)
         try:
             after_sv = rec.apply(c.item.update)
         except DocFailed as exc:
@@ -296,7 +301,9 @@ class Pipeline:
         fresh_pending = pending and digest(c.item.update) not in rec.pending
         if delta is None and not fresh_pending:
             return self._answer(c.item, rec, "pending" if pending else "unchanged", None, [])
-        ctx = self._context(actor, bu, now)
+        # held updates this one let in were merged too
+        merged = [c.item.update, *(u for d, u in held.items() if d not in rec.pending)]
+        ctx = self._context(actor, bu, now, WrittenValues(rec.doc, merged, sv, after_sv))
         # yrs shows a pending struct's value at once (behind a gap), so pending updates
         # are constrained like any other.
         compensation, decisions = self._constrain(model, rec, before, ctx)

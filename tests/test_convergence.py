@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from crdt_models import constraints
+from crdt_models import activity, constraints
 from crdt_models import record as records
 from crdt_models.registry import get_model
 from tests.helpers import Replica, ServerProcess, b64, token
@@ -31,6 +31,7 @@ FIELD_VALUES = {
     "priority": st.sampled_from(["LOW", "MEDIUM", "HIGH", "URGENT!"]),
     "gracetime": st.one_of(st.integers(-5, 120), st.just("15m")),
     "lat": st.floats(-90, 90, allow_nan=False),
+    "jobstatus": st.sampled_from(["ASSIGNED", "INPROGRESS", "COMPLETED", "AUTOCLOSED", "DONE"]),
 }
 
 
@@ -48,6 +49,7 @@ class Device:
     name: str
     replica: Replica = field(default_factory=Replica)
     sent: int = 0
+    statuses: list[str] = field(default_factory=list)
 
 
 step = st.one_of(
@@ -134,11 +136,14 @@ async def scenario(
         for kind, index, name in steps:
             device = devices[index % n_devices]
             if kind == "edit":
-                device.replica.set(**{name: data.draw(FIELD_VALUES[name])})
+                value = data.draw(FIELD_VALUES[name])
+                device.replica.set(**{name: value})
+                if name == "jobstatus":
+                    device.statuses.append(value)
             else:
                 await _deliver_some(session, device, data)
-        # everyone comes online: unsent updates, then catch-up rounds by state vector
-        for device in devices:
+        # everyone comes online, in any order: unsent updates, then catch-up by state vector
+        for device in data.draw(st.permutations(devices), label="online order"):
             await session.push(device, device.replica.outbox[device.sent :], with_sv=True)
             device.sent = len(device.replica.outbox)
         for device in devices:
@@ -149,6 +154,7 @@ async def scenario(
     for device in devices:
         assert _normalized(device.replica.state()) == server_fields
     _assert_rules_hold(server_fields)
+    _assert_no_status_went_back(server_fields, devices)
 
 
 async def _deliver_some(session: Session, device: Device, data: st.DataObject) -> None:
@@ -167,6 +173,21 @@ async def _deliver_some(session: Session, device: Device, data: st.DataObject) -
 
 def _normalized(fields: dict[str, Any]) -> dict[str, Any]:
     return {k: records.json_value(v) for k, v in fields.items()}
+
+
+def _assert_no_status_went_back(fields: dict[str, Any], devices: list[Device]) -> None:
+    """However edits raced, the task ends at least as far along as any phone moved it."""
+    flow = activity.FLOW
+    written = [
+        status
+        for device in devices
+        for status in device.statuses
+        if status in flow.ranks and status != activity.AUTOCLOSED
+    ]
+    if written:
+        final = fields.get("jobstatus")
+        assert final in flow.ranks, fields
+        assert flow.ranks[final] >= max(flow.ranks[s] for s in written), (final, written)
 
 
 def _assert_rules_hold(fields: dict[str, Any]) -> None:

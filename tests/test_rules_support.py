@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -24,6 +24,8 @@ from crdt_models.constraints import Context, Correction, Geofence, Origin, RuleS
 from crdt_models.record import HistoryEntry, NonScalar, RecordState
 from crdt_models.schema import DomainModel
 from crdt_models.values import problem
+from crdt_models.written import WrittenValues
+from crdt_models.yupdate import inspect_state_vector
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 BU = "bu1"
@@ -168,9 +170,13 @@ class Merged:
 def merge(
     server: Doc[Any], name: str, before: RecordState | None, update: bytes, context: Context
 ) -> Merged:
-    """The server's merge: apply, read, evaluate, compensate in one transaction, read again."""
+    """The server's merge: apply, read, evaluate (seeing what the update wrote, hidden
+    values included), compensate in one transaction, read again."""
+    since = inspect_state_vector(server.get_state())
     server.apply_update(update)
-    return constrain(server, name, before, context)
+    now = inspect_state_vector(server.get_state())
+    written = WrittenValues(server, [update], since, now)
+    return constrain(server, name, before, replace(context, written=written))
 
 
 def constrain(server: Doc[Any], name: str, before: RecordState | None, context: Context) -> Merged:

@@ -1,0 +1,240 @@
+"""A forward move hidden by a concurrent write is kept: statuses and escalations.
+
+Yjs resolves two concurrent writes of one key by client id; the loser is deleted as
+it arrives and its value is collected. These tests build that case with real pycrdt
+docs (and, at the end, through a real server) and check that the rules see the
+hidden value: the record never moves back on the phone that moved it forward.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from pycrdt import Doc, Map
+
+from crdt_models import record
+from crdt_models.constraints import Origin
+from crdt_models.record import RecordState
+from crdt_models.written import WrittenValues
+from crdt_models.yitems import NOT_SCALAR, ItemPlaces, read_items
+from crdt_models.yupdate import inspect_state_vector
+from tests.helpers import Api, Replica
+from tests.test_rules_support import (
+    Merged,
+    by_field,
+    ctx,
+    doc_of,
+    edit,
+    merge,
+    replica,
+    state,
+)
+
+HIGH, LOW = 900_000, 100  # Yjs keeps the higher client id's value of two concurrent writes
+
+
+def set_fields(doc: Doc[Any], **values: object) -> bytes:
+    return edit(doc, lambda d: d.get(record.FIELDS_ROOT, type=Map).update(values))
+
+
+def concurrent(base: Doc[Any], first: dict[str, object], second: dict[str, object]) -> list[bytes]:
+    """Two phones edit copies of ``base`` offline: the first (higher client id) wins ties."""
+    return [set_fields(replica(base, HIGH), **first), set_fields(replica(base, LOW), **second)]
+
+
+def race(
+    name: str, start: RecordState, first: dict[str, object], second: dict[str, object]
+) -> tuple[Merged, Merged]:
+    """The server merges both phones' edits of a record in ``start``, first then second."""
+    base = doc_of(start, client_id=1)
+    server = replica(base, 2)
+    one_update, two_update = concurrent(base, first, second)
+    one = merge(server, name, start, one_update, ctx())
+    return one, merge(server, name, one.repaired, two_update, ctx())
+
+
+# --- reading items ---------------------------------------------------------------
+
+
+def test_items_carry_their_key_and_the_value_pycrdt_shows() -> None:
+    doc = record.new_doc(7)
+    update = set_fields(doc, s="hi", n=5, f=2.5, big=2**40, t=True, z=None, nested=[1, 2])
+    items = {item.key: item for item in read_items(update)}
+    shown = dict(doc.get(record.FIELDS_ROOT, type=Map).items())
+    assert {k: items[k].value for k in shown if k != "nested"} == {
+        k: v for k, v in shown.items() if k != "nested"
+    }
+    assert items["nested"].value is NOT_SCALAR
+    assert all(
+        item.parent_root == record.FIELDS_ROOT and item.client == 7 for item in items.values()
+    )
+
+
+def test_an_overwrite_names_its_origin_and_its_place_is_found_in_the_doc() -> None:
+    doc = record.new_doc(7)
+    set_fields(doc, jobstatus="ASSIGNED")
+    (item,) = read_items(set_fields(doc, jobstatus="INPROGRESS"))
+    assert item.parent_root is None and item.origin == (7, 0)
+    places = ItemPlaces(doc.get_update())
+    assert places.place((item.client, item.clock)) == (record.FIELDS_ROOT, "jobstatus")
+
+
+def test_a_key_overwritten_five_thousand_times_resolves_without_recursion() -> None:
+    doc = record.new_doc(7)
+    for i in range(5000):
+        set_fields(doc, remarks=f"r{i}")
+    assert ItemPlaces(doc.get_update()).place((7, 4999)) == (record.FIELDS_ROOT, "remarks")
+
+
+def test_written_values_include_the_hidden_write_only_once() -> None:
+    base = doc_of(state(jobstatus="ASSIGNED"), client_id=1)
+    server = replica(base, 2)
+    first, second = concurrent(base, {"jobstatus": "INPROGRESS"}, {"jobstatus": "COMPLETED"})
+    server.apply_update(first)
+    since = inspect_state_vector(server.get_state())
+    server.apply_update(second)
+    now = inspect_state_vector(server.get_state())
+    assert server.get(record.FIELDS_ROOT, type=Map)["jobstatus"] == "INPROGRESS"
+
+    def written(sv_before: dict[int, int]) -> list[object]:
+        return WrittenValues(server, [second], sv_before, now).for_field("jobstatus", bool)
+
+    assert written(since) == ["COMPLETED"]
+    assert written(now) == []  # a re-sent update writes nothing
+
+
+# --- the rules -------------------------------------------------------------------
+
+
+def test_a_completed_task_hidden_by_a_concurrent_inprogress_stays_completed() -> None:
+    _, two = race(
+        "activity",
+        state(jobdesc="fix pump", jobstatus="ASSIGNED"),
+        {"jobstatus": "INPROGRESS"},
+        {"jobstatus": "COMPLETED"},
+    )
+    assert two.after.fields["jobstatus"] == "INPROGRESS"  # what Yjs alone leaves
+    assert two.repaired.fields["jobstatus"] == "COMPLETED"
+    fix = by_field(two.corrections)["jobstatus"]
+    assert (fix.rule, fix.rejected, fix.kept, fix.is_repair) == (
+        "activity.jobstatus_forward",
+        "INPROGRESS",
+        "COMPLETED",
+        True,
+    )
+    assert "hidden by a concurrent INPROGRESS" in fix.reason
+
+
+def test_a_status_of_equal_rank_that_lost_the_tie_stays_lost() -> None:
+    _, two = race(
+        "activity", state(jobstatus="ASSIGNED"), {"jobstatus": "WORKING"}, {"jobstatus": "STANDBY"}
+    )
+    assert two.corrections == [] and two.repaired.fields["jobstatus"] == "WORKING"
+
+
+def test_a_hidden_autoclosed_from_a_device_is_not_brought_back() -> None:
+    _, two = race(
+        "activity",
+        state(jobstatus="INPROGRESS"),
+        {"jobstatus": "WORKING"},
+        {"jobstatus": "AUTOCLOSED"},
+    )
+    assert two.repaired.fields["jobstatus"] == "WORKING"
+    assert two.compensation is None
+
+
+def test_hidden_work_start_without_an_approved_permit_is_not_brought_back() -> None:
+    _, two = race(
+        "work-orders",
+        state(workstatus="ASSIGNED", workpermit="PARTIALLY_APPROVED"),
+        {"remarks": "x", "workstatus": "ASSIGNED"},
+        {"workstatus": "INPROGRESS"},
+    )
+    assert two.repaired.fields["workstatus"] == "ASSIGNED"
+
+
+def test_a_hidden_escalation_is_kept_with_its_history() -> None:
+    _, two = race(
+        "helpdesk",
+        state(ticketdesc="printer", status="OPEN", level=0, isescalated=False),
+        {"level": 1, "isescalated": True},
+        {"level": 2, "isescalated": True},
+    )
+    assert two.after.fields["level"] == 1
+    assert two.repaired.fields["level"] == 2 and two.repaired.fields["isescalated"] is True
+    assert [(e["from"], e["to"]) for e in two.repaired.history if e["field"] == "level"] == [
+        (0, 1),
+        (1, 2),
+    ]
+    assert "escalations are never lost" in by_field(two.corrections)["level"].reason
+
+
+def test_a_hidden_lower_escalation_changes_nothing() -> None:
+    _, two = race(
+        "helpdesk",
+        state(ticketdesc="printer", level=0, isescalated=False),
+        {"level": 3},
+        {"level": 1},
+    )
+    assert two.repaired.fields["level"] == 3 and two.compensation is None
+
+
+def test_the_back_office_path_has_nothing_hidden() -> None:
+    assert ctx(Origin.BACKOFFICE).written is None
+
+
+# --- through a real server -------------------------------------------------------
+
+
+async def test_phones_that_raced_on_a_status_all_end_completed(api: Callable[..., Api]) -> None:
+    first, second = api(device="phone-high"), api(device="phone-low")
+    rid = str(uuid.uuid4())
+    creator = Replica()
+    create = creator.set(jobdesc="fix pump", jobstatus="ASSIGNED")
+    await first.push("activity", [{"record_id": rid, "bu": "bu1", "update": create}])
+    high, low = Replica(2**40 + 17), Replica(31)
+    for phone in (high, low):
+        phone.apply(create)
+    await first.push("activity", [{"record_id": rid, "update": high.set(jobstatus="INPROGRESS")}])
+    (result,) = await second.push(
+        "activity",
+        [
+            {
+                "record_id": rid,
+                "update": low.set(jobstatus="COMPLETED"),
+                "state_vector": low.doc.get_state(),
+            }
+        ],
+    )
+    assert [(d["rule"], d["rejected"], d["kept"]) for d in result["decisions"]] == [
+        ("activity.jobstatus_forward", "INPROGRESS", "COMPLETED")
+    ]
+    low.apply(result["update"])
+    changes, _ = await first.pull_all("activity")
+    for change in changes:
+        high.apply(change["update"])
+    assert low.state()["jobstatus"] == high.state()["jobstatus"] == "COMPLETED"
+
+
+async def test_a_step_back_delivered_before_the_step_is_refused(api: Callable[..., Api]) -> None:
+    """COMPLETED then INPROGRESS on one phone, delivered in reverse: the second waits
+    for the first, both integrate in one merge, and COMPLETED stays as it would have
+    if they had arrived in order."""
+    phone = api(device="phone")
+    rid = str(uuid.uuid4())
+    replica_ = Replica()
+    create = replica_.set(jobdesc="fix pump", jobstatus="ASSIGNED")
+    await phone.push("activity", [{"record_id": rid, "bu": "bu1", "update": create}])
+    completed = replica_.set(jobstatus="COMPLETED")
+    step_back = replica_.set(jobstatus="INPROGRESS")
+    results = await phone.push(
+        "activity",
+        [{"record_id": rid, "update": step_back}, {"record_id": rid, "update": completed}],
+    )
+    assert [r["status"] for r in results] == ["pending", "merged"]
+    record = await (
+        await phone.client.get(f"/api/v1/records/activity/{rid}", headers=phone.headers())
+    ).json()
+    assert record["fields"]["jobstatus"] == "COMPLETED"
