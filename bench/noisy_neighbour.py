@@ -32,6 +32,12 @@ under half of each: it must never see a 429. Before starting, the bench waits (a
    at the baseline's CPU per quiet request and subtracted). Then the same again under
    py-spy (``--no-profile`` skips it) to show where a refusal's time goes.
 
+``--layout split`` (the default, on 2+ cores) pins the server to half the cores and the load
+generators to the others, the flood's generators at nice +10: in production the flood comes
+from other machines, and on one box its generators would otherwise take the cores the server
+and the quiet tenant's client (the measuring instrument) need. ``--layout shared`` runs
+everything on every core, as runs before this option did.
+
 Unless ``--no-gc-trace``, the server's full (generation-2) and slow (>= 2 ms) garbage
 collections are logged with their start times by a ``gc.callbacks`` hook (a sitecustomize module
 on the server's PYTHONPATH; server code untouched), and every quiet request slower than 2x the
@@ -113,6 +119,7 @@ CATCHUP_PAGES = 50
 REQUEST_TIMEOUT_S = 30.0
 MAX_429_EXAMPLES = 3
 GOAL_RATIO = 2.0
+FLOOD_NICE = 10
 POSITIVE_INT = re.compile(r"[1-9][0-9]{0,8}")
 
 # ---------------------------------------------------------------------------------------
@@ -168,6 +175,7 @@ class LoadSpec:
     pushes_per_device: int  # pre-generated push bodies per device
     connections: int = 1  # requests in flight per device (HAMMER: many)
     edits: int = EDITS  # edits per record after its creation (0: every item creates a record)
+    nice: int = 0  # added to the process's nice value (the flood's generators, split layout)
 
     def max_requests(self) -> int:
         """A hard bound on one device's (one connection's) requests."""
@@ -267,6 +275,8 @@ def device_bodies(spec: LoadSpec, device: Device) -> Bodies:
 def worker_main(spec: LoadSpec, barrier: Any, results: Any) -> None:
     """One load process: generate bodies (untimed), get ready, wait for the start, send."""
     result = LoadResult(spec.role)
+    if spec.nice:
+        os.nice(spec.nice)
     try:
         started = time.perf_counter()
         plans = [device_bodies(spec, d) for d in spec.devices]
@@ -562,7 +572,8 @@ def noisy_specs(
             )
             for i in range(proc * per_proc, (proc + 1) * per_proc)
         )
-        specs.append(LoadSpec(NOISY, url, duration, devices, rate, 0, pushes))
+        nice = FLOOD_NICE if args.layout == "split" else 0
+        specs.append(LoadSpec(NOISY, url, duration, devices, rate, 0, pushes, nice=nice))
     return specs
 
 
@@ -1270,6 +1281,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--no-gc-trace", action="store_true", help="do not log the server's GCs")
     p.add_argument(
+        "--layout",
+        choices=("split", "shared"),
+        default="split",
+        help="split: the server on half the cores, the load generators on the rest, the flood's"
+        " generators niced (as if they ran on other machines); shared: all on every core",
+    )
+    p.add_argument(
         "--idle-wait",
         type=float,
         default=120.0,
@@ -1480,6 +1498,22 @@ def wait_for_idle(max_wait_s: float, busy_pct: float = 15.0, sample_s: float = 2
     return busy
 
 
+def core_split(layout: str) -> tuple[set[int], set[int]]:
+    """The cores of the server and of the load generators.
+
+    On one machine the flood's generators compete for the cores the server and the quiet
+    tenant's client need; in production they are the attacker's machines. ``split`` gives
+    the server half the cores and the generators the rest (the flood's at a lower priority
+    than the quiet client, the measuring instrument), so the figure is the server's
+    isolation, not the bench's own contention. ``shared`` leaves every process on all cores.
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    if layout == "shared" or len(cores) < 2:
+        return set(cores), set(cores)
+    half = len(cores) // 2
+    return set(cores[:half]), set(cores[half:])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.idle_wait > 0:
@@ -1491,7 +1525,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fieldsync-gc-") as gc_dir:
         gc_trace = None if args.no_gc_trace else GcTrace(Path(gc_dir))
         env = {**args.limits.env(), **(gc_trace.env() if gc_trace else {})}
+        server_cpus, load_cpus = core_split(args.layout)
+        os.sched_setaffinity(0, server_cpus)  # the server inherits it...
         with running_server(env=env) as server:
+            os.sched_setaffinity(0, load_cpus)  # ...and the load processes this
             try:
                 measure(server, args, run, gc_trace)
             finally:
