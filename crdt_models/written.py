@@ -9,8 +9,8 @@ and an escalation hidden behind a lower level is never seen. Rules ask
 :class:`WrittenValues` for such values (``rules_common.keep_hidden_advance``).
 
 Reading them costs a parse of the merged updates; finding which field a write went
-to can cost a parse of the whole doc. Both happen only when a rule asks, and the doc
-only when a written value would matter (``wanted``).
+to needs the doc's items (:class:`DocPlaces`): parsed only when a written value would
+matter (``wanted``), once per cached doc, then only what was added since.
 """
 
 from __future__ import annotations
@@ -23,13 +23,31 @@ from crdt_models.yitems import NOT_SCALAR, Item, ItemPlaces, read_items
 _UNREADABLE = (IndexError, ValueError)
 
 
+class DocPlaces:
+    """An :class:`ItemPlaces` of one doc, brought up to date on each use by parsing only
+    the structs the doc gained since (a record's doc can hold tens of thousands of items;
+    parsing them all on every merge that needs one would cost more than the merge)."""
+
+    def __init__(self) -> None:
+        self._places = ItemPlaces()
+        self._state = b"\x00"  # the encoded state vector indexed so far (none)
+
+    def of(self, doc: RecordDoc) -> ItemPlaces:
+        state: bytes = doc.get_state()
+        if state != self._state:
+            self._places.add(doc.get_update(self._state))
+            self._state = state
+        return self._places
+
+
 class WrittenValues:
     """The scalar values ``updates`` wrote to the ``fields`` map of ``doc`` in one merge.
 
     ``before``/``after`` are the doc's state vectors around the merge: only items the
     merge integrated count (a re-sent update writes nothing). A value the writer itself
     overwrote within the merged updates counts too: delivered one update at a time it
-    would have been seen, and a step back from it refused.
+    would have been seen, and a step back from it refused. ``places`` gives the doc's
+    item index, asked for only when needed (a cached record keeps its own).
     """
 
     def __init__(
@@ -38,12 +56,14 @@ class WrittenValues:
         updates: Sequence[bytes],
         before: Mapping[int, int],
         after: Mapping[int, int],
+        places: Callable[[], DocPlaces] = DocPlaces,
     ) -> None:
         self._doc = doc
         self._updates = updates
         self._before = before
         self._after = after
         self._items: list[Item] | None = None
+        self._doc_places = places
         self._places: ItemPlaces | None = None
 
     def for_field(self, name: str, wanted: Callable[[object], bool]) -> list[object]:
@@ -73,5 +93,5 @@ class WrittenValues:
         if item.parent_item is not None:
             return None
         if self._places is None:
-            self._places = ItemPlaces(self._doc.get_update())
+            self._places = self._doc_places().of(self._doc)
         return self._places.place((item.client, item.clock))

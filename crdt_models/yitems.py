@@ -198,20 +198,25 @@ def read_items(data: bytes) -> list[Item]:
 
 
 class ItemPlaces:
-    """Where every item of a doc lives: ``(root name, map key)`` by item id.
+    """Where the items of a doc live: ``(root name, map key)`` by item id.
 
-    Built from a doc's full state (``doc.get_update()``), which keeps every item's
-    origins even after its value was collected. An item written with an origin does
-    not carry its parent: it takes its origin's (or right origin's), as Yjs does.
+    Filled from a doc's full state (``doc.get_update()``), which keeps every item's
+    origins even after its value was collected, then from each diff since (``add``).
+    An item written with an origin does not carry its parent: it takes its origin's
+    (or right origin's), as Yjs does.
     """
 
-    def __init__(self, full_state: bytes) -> None:
+    def __init__(self) -> None:
         self._starts: dict[int, list[int]] = {}
         self._items: dict[int, list[Item]] = {}
-        for item in read_items(full_state):
+        self._places: dict[ItemId, tuple[str, str | None] | None] = {}
+
+    def add(self, update: bytes) -> None:
+        """Index the items of ``update``. A client's items must arrive in clock order, as
+        a doc's full state and then its diffs give them."""
+        for item in read_items(update):
             self._starts.setdefault(item.client, []).append(item.clock)
             self._items.setdefault(item.client, []).append(item)
-        self._places: dict[ItemId, tuple[str, str | None] | None] = {}
 
     def _find(self, item_id: ItemId) -> Item | None:
         starts = self._starts.get(item_id[0])
@@ -225,22 +230,28 @@ class ItemPlaces:
 
     def place(self, item_id: ItemId) -> tuple[str, str | None] | None:
         """``(root, key)`` of the item holding ``item_id``; None if it is not directly in
-        a root type (or unknown). Iterative: a key overwritten n times is a chain of n."""
+        a root type, or not indexed (yet). Iterative: a key overwritten n times is a chain
+        of n, remembered once walked."""
         chain: list[ItemId] = []
         current: ItemId | None = item_id
         found: tuple[str, str | None] | None = None
+        known = True
         while current is not None:
             if current in self._places:
                 found = self._places[current]
                 break
             chain.append(current)
             item = self._find(current)
-            if item is None or item.parent_item is not None:
+            if item is None:
+                known = False  # a later diff may bring it: nothing to remember
+                break
+            if item.parent_item is not None:
                 break
             if item.parent_root is not None:
                 found = (item.parent_root, item.key)
                 break
             current = item.origin if item.origin is not None else item.right_origin
-        for seen in chain:
-            self._places[seen] = found
+        if known:
+            for seen in chain:
+                self._places[seen] = found
         return found

@@ -15,8 +15,14 @@ from typing import Any, ParamSpec, TypeVar
 
 from pycrdt import Doc
 
+from crdt_models.yupdate import (
+    OWN_DOC_LIMITS,
+    MalformedUpdate,
+    UpdateShape,
+    inspect_state_vector,
+    inspect_update,
+)
 from crdt_models.yupdate import Limits as ParseLimits
-from crdt_models.yupdate import MalformedUpdate, UpdateShape, inspect_state_vector, inspect_update
 
 from .config import Limits
 from .errors import ErrorCode, ItemError
@@ -85,4 +91,4 @@ def diff(doc: Doc[Any], state_vector: bytes) -> bytes:
 def state_of(doc: Doc[Any]) -> dict[int, int]:
     """The doc's state vector, decoded."""
     raw: bytes = contained("get_state", doc.get_state)
-    return inspect_state_vector(raw, ParseLimits(max_bytes=1 << 24, max_clients=1 << 20))
+    return inspect_state_vector(raw, OWN_DOC_LIMITS)

@@ -22,6 +22,7 @@ from pycrdt import Doc, Subscription, TransactionEvent, merge_updates
 
 from crdt_models import record as records
 from crdt_models.registry import get_model
+from crdt_models.written import DocPlaces
 from crdt_models.yupdate import MalformedUpdate, inspect_update
 from storage import RecordKey, Store
 from storage.types import LogEntry, StoredRecord
@@ -55,6 +56,7 @@ class LiveRecord:
     poisoned: bool = False
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     subscription: Subscription | None = None
+    places: DocPlaces | None = None  # built the first time a rule needs it (rarely)
 
     def apply(self, update: bytes) -> dict[int, int]:
         """Apply an update (DocFailed if pycrdt fails) and return the new state vector.
@@ -69,6 +71,12 @@ class LiveRecord:
         if self.pending and self.sv != before:
             self._retry_pending()
         return self.sv
+
+    def item_places(self) -> DocPlaces:
+        """Where the doc's items live, kept across merges (``crdt_models.written``)."""
+        if self.places is None:
+            self.places = DocPlaces()
+        return self.places
 
     def capture(self, event: TransactionEvent) -> None:
         """The doc's observer (a bound method: a closure would cost every cached record

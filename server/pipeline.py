@@ -303,7 +303,8 @@ class Pipeline:
             return self._answer(c.item, rec, "pending" if pending else "unchanged", None, [])
         # held updates this one let in were merged too
         merged = [c.item.update, *(u for d, u in held.items() if d not in rec.pending)]
-        ctx = self._context(actor, bu, now, WrittenValues(rec.doc, merged, sv, after_sv))
+        written = WrittenValues(rec.doc, merged, sv, after_sv, rec.item_places)
+        ctx = self._context(actor, bu, now, written)
         # yrs shows a pending struct's value at once (behind a gap), so pending updates
         # are constrained like any other.
         compensation, decisions = self._constrain(model, rec, before, ctx)

@@ -17,7 +17,7 @@ from pycrdt import Doc, Map
 from crdt_models import record
 from crdt_models.constraints import Origin
 from crdt_models.record import RecordState
-from crdt_models.written import WrittenValues
+from crdt_models.written import DocPlaces, WrittenValues
 from crdt_models.yitems import NOT_SCALAR, ItemPlaces, read_items
 from crdt_models.yupdate import inspect_state_vector
 from tests.helpers import Api, Replica
@@ -77,7 +77,8 @@ def test_an_overwrite_names_its_origin_and_its_place_is_found_in_the_doc() -> No
     set_fields(doc, jobstatus="ASSIGNED")
     (item,) = read_items(set_fields(doc, jobstatus="INPROGRESS"))
     assert item.parent_root is None and item.origin == (7, 0)
-    places = ItemPlaces(doc.get_update())
+    places = ItemPlaces()
+    places.add(doc.get_update())
     assert places.place((item.client, item.clock)) == (record.FIELDS_ROOT, "jobstatus")
 
 
@@ -85,7 +86,22 @@ def test_a_key_overwritten_five_thousand_times_resolves_without_recursion() -> N
     doc = record.new_doc(7)
     for i in range(5000):
         set_fields(doc, remarks=f"r{i}")
-    assert ItemPlaces(doc.get_update()).place((7, 4999)) == (record.FIELDS_ROOT, "remarks")
+    places = ItemPlaces()
+    places.add(doc.get_update())
+    assert places.place((7, 4999)) == (record.FIELDS_ROOT, "remarks")
+
+
+def test_a_docs_places_are_kept_up_to_date_from_what_it_gained() -> None:
+    doc = record.new_doc(7)
+    set_fields(doc, jobstatus="ASSIGNED")
+    places = DocPlaces()
+    assert places.of(doc).place((7, 0)) == (record.FIELDS_ROOT, "jobstatus")
+    assert places.of(doc).place((7, 1)) is None  # not written yet
+    set_fields(doc, remarks="later")
+    set_fields(doc, jobstatus="INPROGRESS")
+    index = places.of(doc)
+    assert index.place((7, 1)) == (record.FIELDS_ROOT, "remarks")
+    assert index.place((7, 2)) == (record.FIELDS_ROOT, "jobstatus")
 
 
 def test_written_values_include_the_hidden_write_only_once() -> None:
