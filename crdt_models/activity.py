@@ -96,7 +96,7 @@ def autoclosed_by_server_only(
 
 RULES: tuple[Rule, ...] = (
     *common.base_rules(FIELDS),
-    common.keep_hidden_advance(RULE_FLOW, JOBSTATUS, FLOW.beats, FLOW.why_kept),
+    common.keep_hidden_advance(RULE_FLOW, JOBSTATUS, FLOW.beats, FLOW.why_kept, FLOW.ranks),
     autoclosed_by_server_only,
     common.forward_only(RULE_FLOW, FLOW),
     common.ordered_times(RULE_END, STARTTIME, ENDTIME),

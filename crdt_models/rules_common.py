@@ -240,21 +240,28 @@ def keep_hidden_advance(
     field: Field,
     beats: Callable[[object, object], bool],
     why: Callable[[object, object], str],
+    choices: Iterable[str] | None = None,
 ) -> Rule:
     """Put back a value this merge wrote that a concurrent write hid, if it ``beats`` the
     value that won (``crdt_models.written`` says why Yjs hides it).
 
     It goes right after the type checks, so the rules after it judge the kept value
     exactly as if it had won the merge (a value the writer may not set is undone).
-    ``beats`` must accept only values the field's type allows.
+    ``beats`` must accept only values the field's type allows. ``choices``: the field's
+    values when they are a fixed set of words (a status): only those that beat the
+    current one are looked for, and none at all when nothing can beat it.
     """
+    words = None if choices is None else tuple(choices)
 
     def rule(before: RecordState | None, after: RecordState, ctx: Context) -> list[Correction]:
         if ctx.written is None:
             return []
         current = value_of(after, field.name)
+        ahead = None if words is None else [w for w in words if beats(w, current)]
+        if ahead == []:
+            return []
         best: object = None
-        for value in ctx.written.for_field(field.name, lambda v: beats(v, current)):
+        for value in ctx.written.for_field(field.name, lambda v: beats(v, current), ahead):
             if best is None or beats(value, best):
                 best = value
         if best is None:

@@ -113,7 +113,7 @@ def no_start_without_permit(
 
 RULES: tuple[Rule, ...] = (
     *common.base_rules(FIELDS),
-    common.keep_hidden_advance(RULE_FLOW, WORKSTATUS, FLOW.beats, FLOW.why_kept),
+    common.keep_hidden_advance(RULE_FLOW, WORKSTATUS, FLOW.beats, FLOW.why_kept, FLOW.ranks),
     common.forward_only(RULE_FLOW, FLOW),
     permit_by_approver,
     no_start_without_permit,

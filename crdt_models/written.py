@@ -15,7 +15,7 @@ matter (``wanted``), once per cached doc, then only what was added since.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from crdt_models.record import FIELDS_ROOT, RecordDoc
 from crdt_models.yitems import NOT_SCALAR, Item, ItemPlaces, read_items
@@ -66,13 +66,26 @@ class WrittenValues:
         self._doc_places = places
         self._places: ItemPlaces | None = None
 
-    def for_field(self, name: str, wanted: Callable[[object], bool]) -> list[object]:
-        """The values written to ``fields[name]`` that ``wanted`` accepts, in update order."""
+    def for_field(
+        self, name: str, wanted: Callable[[object], bool], spelled: Iterable[str] | None = None
+    ) -> list[object]:
+        """The values written to ``fields[name]`` that ``wanted`` accepts, in update order.
+
+        ``spelled``: when the wanted values are a known set of strings, they are looked for
+        in the update bytes first, and the updates are parsed only if one is there (a Yjs
+        string is stored as its UTF-8 bytes): most merges then cost a substring search.
+        """
+        if spelled is not None and not self._mention(spelled):
+            return []
         try:
             candidates = [item for item in self._new_items() if wanted(item.value)]
             return [item.value for item in candidates if self._place(item) == (FIELDS_ROOT, name)]
         except _UNREADABLE:
             return []  # the gate passed these bytes; if this reader cannot, rules see none
+
+    def _mention(self, words: Iterable[str]) -> bool:
+        needles = [word.encode() for word in words]
+        return any(needle in update for needle in needles for update in self._updates)
 
     def _new_items(self) -> list[Item]:
         if self._items is None:
