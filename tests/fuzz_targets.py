@@ -15,12 +15,13 @@ from pathlib import Path
 import msgpack
 from pycrdt import Doc, Map
 
+from crdt_models.written import WrittenValues
 from crdt_models.yupdate import MalformedUpdate, inspect_state_vector, inspect_update
 from server.awareness import parse_awareness
 from server.codec import decode_json, decode_msgpack
 from server.cursor import decode_cursor
 from server.errors import ApiError
-from server.gate import DocFailed, apply_update
+from server.gate import DocFailed, apply_update, state_of
 from server.sync_api import parse_items
 from server.yprotocol import BadMessage, Reader
 
@@ -89,10 +90,15 @@ def update_gate(data: bytes) -> None:
     except MalformedUpdate:
         return
     for doc in (Doc(), _seed_doc()):
+        before = state_of(doc)
         try:
             apply_update(doc, data)
         except DocFailed:
-            pass
+            continue
+        # what a merge's rules read from the same bytes (never raises: unreadable is none)
+        written = WrittenValues(doc, [data], before, state_of(doc))
+        for name in ("jobdesc", "gracetime", "jobstatus"):
+            written.for_field(name, lambda value: True)
 
 
 TARGETS: dict[str, Target] = {
