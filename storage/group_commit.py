@@ -4,6 +4,13 @@ Concurrent requests each call `submit(batch)`; the writer takes everything queue
 writes it in one database transaction, and resolves every caller only once that
 transaction is durable. A failed transaction fails its whole group and everything
 queued behind it: those batches were merged on top of state that never became durable.
+
+Except after a record conflict (another node moved a record first), when the backend
+can say which records went stale: then only the batches that wrote them fail, with
+every later batch that wrote a record one of those did (it was merged on top of it);
+the rest of the group is committed again at once and the queue keeps the rest. Under
+contention one stale record no longer sends a whole group of other records' merges
+back to be redone.
 """
 
 from __future__ import annotations
@@ -15,11 +22,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from .base import RecordConflict, StorageError, StorageUnavailable
-from .types import NodeId, Position, Seq, WriteBatch
+from .types import NodeId, Position, RecordKey, Seq, WriteBatch
 
 log = logging.getLogger(__name__)
 
 WriteGroup = Callable[[Sequence[WriteBatch]], Awaitable[list[list[Position]]]]
+StaleRecords = Callable[[Sequence[WriteBatch]], Awaitable[set[RecordKey] | None]]
+Pending = tuple[WriteBatch, "asyncio.Future[list[Position]]"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,8 +38,14 @@ class GroupPolicy:
 
 
 class GroupCommitter:
-    def __init__(self, write_group: WriteGroup, policy: GroupPolicy | None = None) -> None:
+    def __init__(
+        self,
+        write_group: WriteGroup,
+        policy: GroupPolicy | None = None,
+        stale_records: StaleRecords | None = None,
+    ) -> None:
         self._write_group = write_group
+        self._stale_records = stale_records
         self._policy = policy or GroupPolicy()
         self._queue: asyncio.Queue[tuple[WriteBatch, asyncio.Future[list[Position]]]] = (
             asyncio.Queue()
@@ -39,6 +54,7 @@ class GroupCommitter:
         self._closed = False
         self.groups_committed = 0
         self.batches_committed = 0
+        self.batches_isolated = 0  # committed again after others in their group conflicted
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="fieldsync-group-commit")
@@ -84,16 +100,23 @@ class GroupCommitter:
             taken.append(item)
         return taken
 
-    async def _commit(self, group: list[tuple[WriteBatch, asyncio.Future[list[Position]]]]) -> None:
+    async def _commit(self, group: list[Pending]) -> None:
         try:
             positions = await self._write_group([batch for batch, _ in group])
         except Exception as exc:  # any database failure: nobody in the group is acknowledged
             failure = _failure(exc)
             level = logging.INFO if isinstance(failure, RecordConflict) else logging.ERROR
             log.log(level, "group commit of %d batches failed: %s", len(group), exc)
-            for batch, fut in group:
-                _fail(batch, fut, failure)
-            self._fail_queued(failure)
+            stale = await self._stale(group, failure)
+            if stale is None:
+                for batch, fut in group:
+                    _fail(batch, fut, failure)
+                self._fail_queued(failure)
+                return
+            kept = self._fail_dependents(group, stale, failure)
+            self.batches_isolated += len(kept)
+            if kept:
+                await self._commit(kept)
             return
         self.groups_committed += 1
         self.batches_committed += len(group)
@@ -106,6 +129,37 @@ class GroupCommitter:
             batch, fut = self._queue.get_nowait()
             self._queue.task_done()
             _fail(batch, fut, failure)
+
+    async def _stale(
+        self, group: list[Pending], failure: StorageUnavailable
+    ) -> set[RecordKey] | None:
+        """The records a conflict was about, if the backend can tell (None: fail everything)."""
+        if not isinstance(failure, RecordConflict) or self._stale_records is None:
+            return None
+        try:
+            stale = await self._stale_records([batch for batch, _ in group])
+        except Exception:  # noqa: BLE001 - cannot tell: fail the group as a whole
+            log.exception("could not find the stale records of a failed group")
+            return None
+        if not stale or not any(_touched(batch) & stale for batch, _ in group):
+            return None  # the conflict was not about a record version (a client id claim)
+        return stale
+
+    def _fail_dependents(
+        self, group: list[Pending], stale: set[RecordKey], failure: StorageUnavailable
+    ) -> list[Pending]:
+        """Fail the group's and the queue's batches that wrote a stale record or built on
+        one that did (in order); return the group's others, to commit again."""
+        tainted = set(stale)
+        kept = [p for p in group if not _fails_with(p, tainted, failure)]
+        queued = []
+        while not self._queue.empty():
+            queued.append(self._queue.get_nowait())
+            self._queue.task_done()
+        for pending in queued:
+            if not _fails_with(pending, tainted, failure):
+                self._queue.put_nowait(pending)
+        return kept
 
 
 class GroupCommitted:
@@ -153,6 +207,21 @@ def _failure(exc: Exception) -> StorageUnavailable:
     if isinstance(exc, RecordConflict):
         return RecordConflict(str(exc))
     return StorageUnavailable(f"commit failed: {exc}")
+
+
+def _touched(batch: WriteBatch) -> set[RecordKey]:
+    return {w.key for w in batch.records} | {e.key for e in batch.entries}
+
+
+def _fails_with(pending: Pending, tainted: set[RecordKey], failure: StorageUnavailable) -> bool:
+    """Fail the batch if it wrote a tainted record; what it wrote is then tainted too."""
+    batch, fut = pending
+    touched = _touched(batch)
+    if not touched & tainted:
+        return False
+    tainted |= touched
+    _fail(batch, fut, failure)
+    return True
 
 
 def _fail(batch: WriteBatch, fut: asyncio.Future[list[Position]], exc: BaseException) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import secrets
@@ -43,7 +44,7 @@ from .types import (
     StoredRecord,
     WriteBatch,
 )
-from .versions import VersionedWrite, versioned_writes
+from .versions import VersionedWrite, stale_records, versioned_writes
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,11 @@ class PostgresStore(GroupCommitted, Store):
             if isinstance(failure, (*CONNECTION_ERRORS, asyncpg.PostgresError)):
                 raise StorageUnavailable(f"cannot open PostgreSQL: {failure}") from failure
             raise failure
-        self._committer = GroupCommitter(self._write_group, self._policy)
+        self._committer = GroupCommitter(
+            self._write_group,
+            self._policy,
+            functools.partial(stale_records, stored_versions=self.record_versions),
+        )
         self._committer.start()
 
     async def _open_writer(self) -> None:

@@ -6,6 +6,7 @@ All writes go through one connection driven by the group committer (BEGIN IMMEDI
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 import uuid
@@ -30,7 +31,7 @@ from .types import (
     StoredRecord,
     WriteBatch,
 )
-from .versions import versioned_writes
+from .versions import stale_records, versioned_writes
 
 QUARANTINE_KEEP = 10_000
 _LOG_COLUMNS = (
@@ -66,7 +67,11 @@ class SQLiteStore(GroupCommitted, Store):
         await self._migrate(self._writer)
         self._reader = await self._connect()
         await self._reader.execute("PRAGMA query_only = ON")
-        self._committer = GroupCommitter(self._write_group, self._policy)
+        self._committer = GroupCommitter(
+            self._write_group,
+            self._policy,
+            functools.partial(stale_records, stored_versions=self.record_versions),
+        )
         self._committer.start()
 
     async def close(self) -> None:

@@ -8,7 +8,7 @@ still that one, which is how two nodes merging one record never overwrite each o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import NamedTuple
 
 from .base import RecordConflict
@@ -33,3 +33,21 @@ def versioned_writes(batches: Sequence[WriteBatch]) -> list[VersionedWrite]:
         first.setdefault(write.key, write.version)
         last[write.key] = write
     return [VersionedWrite(last[k], first[k] - 1) for k in sorted(last)]
+
+
+async def stale_records(
+    batches: Sequence[WriteBatch],
+    stored_versions: Callable[[Iterable[RecordKey]], Awaitable[dict[RecordKey, int]]],
+) -> set[RecordKey] | None:
+    """After a group failed with a conflict: the records whose stored version is no longer
+    the one the group's writes continue (None: its writes do not even chain).
+
+    Read after the rollback, so it may name a record another writer moved a moment later
+    too (versions only grow: a record stale at the commit is still stale here).
+    """
+    try:
+        writes = versioned_writes(batches)
+    except RecordConflict:
+        return None
+    stored = await stored_versions([w.key for w, _ in writes])
+    return {w.key for w, base in writes if stored.get(w.key, 0) != base}

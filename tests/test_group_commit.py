@@ -1,4 +1,5 @@
-"""The group committer: one transaction per group; a failure reaches everyone behind it."""
+"""The group committer: one transaction per group; a failure reaches everyone behind it,
+except after a record conflict, which fails only the batches that built on a stale record."""
 
 from __future__ import annotations
 
@@ -7,9 +8,23 @@ from collections.abc import Sequence
 
 import pytest
 
+from storage import Store
 from storage.base import RecordConflict, StorageUnavailable
 from storage.group_commit import GroupCommitter
-from storage.types import Position, WriteBatch
+from storage.types import NewEntry, NodeId, Position, RecordKey, RecordWrite, WriteBatch
+
+X = RecordKey("t1", "activity", "rec-x")
+Y = RecordKey("t1", "activity", "rec-y")
+
+
+def _write(
+    key: RecordKey, version: int, update: bytes, hook: list[str] | None = None
+) -> WriteBatch:
+    return WriteBatch(
+        entries=[NewEntry(key, "bu1", update, version, "device", "user-1", "dev-1")],
+        records=[RecordWrite(key, "bu1", b"sv%d" % version, f'{{"v": {version}}}', version)],
+        on_failure=None if hook is None else lambda: hook.append(update.decode()),
+    )
 
 
 async def test_a_failed_group_runs_every_hook_before_any_caller_hears() -> None:
@@ -51,3 +66,33 @@ async def test_other_failures_are_storage_unavailable() -> None:
         await committer.submit(WriteBatch(expire_before=1.0))
     assert not isinstance(caught.value, RecordConflict)
     await committer.close()
+
+
+async def test_a_stale_record_fails_only_the_batches_built_on_it(store_factory) -> None:
+    """Node b moves X first. Of node a's four batches, submitted together, the X pair (the
+    second merged on the first) fails; the Y pair, which merged on nothing stale, commits."""
+    a: Store = await store_factory(register=False)
+    b: Store = await store_factory(register=False)
+    await a.register_node(NodeId("node-a"), 601)
+    await b.register_node(NodeId("node-b"), 602)
+    await a.commit(_write(X, 1, b"x1"))
+    await a.commit(_write(Y, 1, b"y1"))
+    await b.commit(_write(X, 2, b"x2-from-b"))
+    failed: list[str] = []
+    outcomes = await asyncio.gather(
+        a.commit(_write(X, 2, b"x2", failed)),
+        a.commit(_write(Y, 2, b"y2", failed)),
+        a.commit(_write(X, 3, b"x3", failed)),  # merged on top of x2
+        a.commit(_write(Y, 3, b"y3", failed)),
+        return_exceptions=True,
+    )
+    assert [type(o).__name__ for o in outcomes] == [
+        "RecordConflict",
+        "list",
+        "RecordConflict",
+        "list",
+    ]
+    assert sorted(failed) == ["x2", "x3"]
+    assert await a.record_versions([X, Y]) == {X: 2, Y: 3}
+    entries, _ = await a.read_log("t1", "activity", {}, 100)
+    assert sorted(e.update for e in entries) == [b"x1", b"x2-from-b", b"y1", b"y2", b"y3"]
