@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
 from hypothesis.configuration import set_hypothesis_home_dir
 
 from server.app import create_app
@@ -25,7 +24,7 @@ from storage import Store
 from storage.postgres import PostgresStore
 from storage.sqlite import SQLiteStore
 from storage.types import NodeId
-from tests.helpers import GENEROUS, SECRET, Api, token
+from tests.helpers import GENEROUS, SECRET, Api, Client, token
 from tests.pg_cluster import DatabaseSupply, PostgresCluster, find_bin_dir
 
 # the example database stays under tests/, not at the top of the checkout
@@ -42,7 +41,6 @@ SQLITE_ONLY = {
 """Tests that reach into the SQLite file itself: their postgres runs are skipped."""
 
 StoreFactory = Callable[..., Awaitable[Store]]
-Client = TestClient[Any, Any]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import msgpack
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pycrdt import Doc, Map
 
@@ -32,6 +33,9 @@ GENEROUS_FLAGS = [
 ]
 SECRET = "test-secret-" + "0123456789abcdef" * 4
 _client_ids = itertools.count(10_000)
+
+Client = TestClient[web.Request, web.Application]
+"""The test client of one server app (the `client` fixture, `make_client(...)`)."""
 
 
 def token(
@@ -62,7 +66,8 @@ class Replica:
 
     @property
     def fields(self) -> Map[Any]:
-        return self.doc.get("fields", type=Map)
+        fields: Map[Any] = self.doc.get("fields", type=Map)
+        return fields
 
     def set(self, **values: Any) -> bytes:
         """Edit fields in one transaction; returns that transaction's update."""
@@ -76,13 +81,14 @@ class Replica:
             self.doc.apply_update(update)
 
     def state(self) -> dict[str, Any]:
-        return {k: self.fields[k] for k in self.fields}
+        # items(), not `for k in map`: pycrdt annotates Map.__iter__ as returning an Iterable
+        return dict(self.fields.items())
 
 
 class Api:
     """The sync API as one device sees it."""
 
-    def __init__(self, client: TestClient, tok: str, device: str = "dev-1") -> None:
+    def __init__(self, client: Client, tok: str, device: str = "dev-1") -> None:
         self.client = client
         self.token = tok
         self.device = device
@@ -150,7 +156,8 @@ def _decode_results(data: dict[str, Any]) -> list[dict[str, Any]]:
         for name in ("update", "state_vector"):
             if r.get(name):
                 r[name] = base64.b64decode(r[name])
-    return data["results"]
+    results: list[dict[str, Any]] = data["results"]
+    return results
 
 
 def free_port() -> int:

@@ -12,13 +12,12 @@ from typing import Any
 
 import jwt
 import pytest
-from aiohttp.test_utils import TestClient
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from tests.helpers import SECRET
+from tests.helpers import SECRET, Client
 
-MakeClient = Callable[..., Awaitable[TestClient]]
+MakeClient = Callable[..., Awaitable[Client]]
 
 
 def _b64(data: bytes) -> str:
@@ -54,7 +53,7 @@ def keys() -> dict[str, Any]:
     }
 
 
-async def _status(client: TestClient, tok: str) -> int:
+async def _status(client: Client, tok: str) -> int:
     resp = await client.get(
         "/api/v1/sync/activity/changes",
         headers={"Authorization": f"Bearer {tok}", "Device-Id": "d"},
@@ -93,7 +92,7 @@ async def test_rs256_matrix(make_client: MakeClient, keys: dict[str, Any]) -> No
 
 
 async def test_hs256_server_refuses_asymmetric_and_none(
-    client: TestClient, keys: dict[str, Any]
+    client: Client, keys: dict[str, Any]
 ) -> None:
     assert await _status(client, jwt.encode(_claims(), SECRET, algorithm="HS256")) == 200
     assert await _status(client, jwt.encode(_claims(), keys["private"], algorithm="RS256")) == 401

@@ -5,12 +5,10 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from aiohttp.test_utils import TestClient
-
-from tests.helpers import Api, Replica, SocketDevice, token
+from tests.helpers import Api, Client, Replica, SocketDevice, token
 
 
-async def created(client: TestClient, **fields: Any) -> tuple[str, Replica, Api]:
+async def created(client: Client, **fields: Any) -> tuple[str, Replica, Api]:
     device = Api(client, token(), device="phone")
     rep = Replica()
     r = str(uuid.uuid4())
@@ -19,7 +17,7 @@ async def created(client: TestClient, **fields: Any) -> tuple[str, Replica, Api]
 
 
 async def patch(
-    client: TestClient,
+    client: Client,
     r: str,
     body: Any,
     roles: tuple[str, ...] = ("backoffice",),
@@ -31,7 +29,7 @@ async def patch(
     return resp.status, await resp.json()
 
 
-async def test_a_backoffice_edit_is_merged_and_reaches_devices_live(client: TestClient) -> None:
+async def test_a_backoffice_edit_is_merged_and_reaches_devices_live(client: Client) -> None:
     r, rep, _ = await created(client, jobdesc="fix pump", priority="LOW")
     live = SocketDevice(await client.ws_connect("/api/v1/ws"))
     await live.hello(token(), "phone", ["activity"])
@@ -46,7 +44,7 @@ async def test_a_backoffice_edit_is_merged_and_reaches_devices_live(client: Test
     assert rep.state() == {"jobdesc": "fix pump", "priority": "HIGH"}
 
 
-async def test_only_backoffice_and_supervisors_may_edit(client: TestClient) -> None:
+async def test_only_backoffice_and_supervisors_may_edit(client: Client) -> None:
     r, _, _ = await created(client, jobdesc="x")
     status, body = await patch(client, r, {"fields": {"priority": "HIGH"}}, roles=("approver",))
     assert status == 403 and body["error"]["code"] == "forbidden"
@@ -54,7 +52,7 @@ async def test_only_backoffice_and_supervisors_may_edit(client: TestClient) -> N
     assert status == 200
 
 
-async def test_bad_edits_are_refused_and_change_nothing(client: TestClient) -> None:
+async def test_bad_edits_are_refused_and_change_nothing(client: Client) -> None:
     r, _, device = await created(client, jobdesc="x")
     cases = [
         ({"fields": {"nosuchfield": 1}}, 422, "invalid_record"),
@@ -76,7 +74,7 @@ async def test_bad_edits_are_refused_and_change_nothing(client: TestClient) -> N
     assert record["version"] == 1 and record["fields"] == {"jobdesc": "x"}
 
 
-async def test_rules_apply_to_the_back_office_and_decisions_are_kept(client: TestClient) -> None:
+async def test_rules_apply_to_the_back_office_and_decisions_are_kept(client: Client) -> None:
     r, rep, device = await created(client, gracetime=10)
     status, body = await patch(client, r, {"fields": {"gracetime": "soon"}})
     assert status == 200

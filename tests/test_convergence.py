@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import pytest
@@ -139,7 +139,7 @@ async def scenario(
                 value = data.draw(FIELD_VALUES[name])
                 device.replica.set(**{name: value})
                 if name == "jobstatus":
-                    device.statuses.append(value)
+                    device.statuses.append(cast(str, value))
             else:
                 await _deliver_some(session, device, data)
         # everyone comes online, in any order: unsent updates, then catch-up by state vector
@@ -187,7 +187,7 @@ def _assert_no_status_went_back(fields: dict[str, Any], devices: list[Device]) -
     if written:
         final = fields.get("jobstatus")
         assert final in flow.ranks, fields
-        assert flow.ranks[final] >= max(flow.ranks[s] for s in written), (final, written)
+        assert flow.ranks[cast(str, final)] >= max(flow.ranks[s] for s in written), (final, written)
 
 
 def _assert_rules_hold(fields: dict[str, Any]) -> None:

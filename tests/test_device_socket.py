@@ -8,12 +8,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgpack
-from aiohttp.test_utils import TestClient
 
 from server.config import SocketSettings
 from server.services import SERVICES
 from server.sockets import CloseCode
-from tests.helpers import Api, Replica, SocketDevice, token
+from tests.helpers import Api, Client, Replica, SocketDevice, token
 
 WS = "/api/v1/ws"
 
@@ -27,7 +26,7 @@ def new_item(**fields: Any) -> dict[str, Any]:
 
 
 async def connect(
-    client: TestClient,
+    client: Client,
     tok: str | None = None,
     device: str = "dev-1",
     domains: list[str] | None = None,
@@ -40,7 +39,7 @@ async def connect(
     return dev
 
 
-async def test_catch_up_of_1200_records_in_pages_then_resume_over_http(client: TestClient) -> None:
+async def test_catch_up_of_1200_records_in_pages_then_resume_over_http(client: Client) -> None:
     api = Api(client, token(), device="writer")
     ids = set()
     for _ in range(2):
@@ -64,7 +63,7 @@ async def test_catch_up_of_1200_records_in_pages_then_resume_over_http(client: T
     assert [c["record_id"] for c in page["changes"]] == [newer["record_id"]]
 
 
-async def test_an_http_cursor_resumes_on_the_socket(client: TestClient) -> None:
+async def test_an_http_cursor_resumes_on_the_socket(client: Client) -> None:
     api = Api(client, token(), device="writer")
     await api.push("activity", [new_item(jobdesc="old")])
     _, cursor = await api.pull_all("activity")
@@ -75,7 +74,7 @@ async def test_an_http_cursor_resumes_on_the_socket(client: TestClient) -> None:
     assert [c["record_id"] for c in changes] == [newer["record_id"]]
 
 
-async def test_push_ack_and_live_fan_out_without_echo(client: TestClient) -> None:
+async def test_push_ack_and_live_fan_out_without_echo(client: Client) -> None:
     a = await connect(client, device="dev-a")
     b = await connect(client, device="dev-b")
     await a.caught_up("activity")
@@ -101,7 +100,7 @@ async def test_push_ack_and_live_fan_out_without_echo(client: TestClient) -> Non
     assert all(c["record_id"] != item["record_id"] for c in a.changes), "own push echoed"
 
 
-async def test_compensations_reach_the_device_that_caused_them(client: TestClient) -> None:
+async def test_compensations_reach_the_device_that_caused_them(client: Client) -> None:
     a = await connect(client, device="dev-a")
     await a.caught_up("activity")
     rep = Replica()
@@ -115,7 +114,7 @@ async def test_compensations_reach_the_device_that_caused_them(client: TestClien
     assert rep.state()["gracetime"] == 10
 
 
-async def test_live_delivery_respects_tenant_and_bu(client: TestClient) -> None:
+async def test_live_delivery_respects_tenant_and_bu(client: Client) -> None:
     writer = await connect(client, token("t1", ["bu1"]), device="w")
     other_tenant = await connect(client, token("t2", ["bu1"]), device="x")
     other_bu = await connect(client, token("t1", ["bu2"], user="u2"), device="y")
@@ -132,12 +131,12 @@ async def test_live_delivery_respects_tenant_and_bu(client: TestClient) -> None:
 
 
 async def test_a_slow_reader_falls_back_to_the_log_and_misses_nothing(
-    make_client: Callable[..., Awaitable[TestClient]],
+    make_client: Callable[..., Awaitable[Client]],
 ) -> None:
     client = await make_client(sockets=SocketSettings(buffer_entries=5, catch_up_page=7))
     slow = await connect(client, device="slow")
     await slow.caught_up("activity")
-    [feed] = client.server.app[SERVICES].hub._feeds[("t1", "activity")]
+    [feed] = client.app[SERVICES].hub._feeds[("t1", "activity")]
     transport = slow.ws._writer.transport  # the device stops reading: a phone on a bad network
     transport.pause_reading()
     api = Api(client, token(), device="writer")
@@ -154,7 +153,7 @@ async def test_a_slow_reader_falls_back_to_the_log_and_misses_nothing(
     assert len(slow.changes) == 40
 
 
-async def test_garbage_frames_close_with_4400(client: TestClient) -> None:
+async def test_garbage_frames_close_with_4400(client: Client) -> None:
     for bad in (b"\xc1", msgpack.packb([1, 2]), msgpack.packb({"no": "type"})):
         dev = SocketDevice(await client.ws_connect(WS))
         await dev.ws.send_bytes(bad)
@@ -169,7 +168,7 @@ async def test_garbage_frames_close_with_4400(client: TestClient) -> None:
 
 
 async def test_hello_must_come_first_and_in_time(
-    make_client: Callable[..., Awaitable[TestClient]],
+    make_client: Callable[..., Awaitable[Client]],
 ) -> None:
     client = await make_client(sockets=SocketSettings(hello_timeout_s=0.3))
     dev = SocketDevice(await client.ws_connect(WS))
@@ -180,7 +179,7 @@ async def test_hello_must_come_first_and_in_time(
     assert code == CloseCode.HELLO_TIMEOUT and errors[0]["code"] == "hello_timeout"
 
 
-async def test_bad_tokens_and_expiry_close_with_4401(client: TestClient) -> None:
+async def test_bad_tokens_and_expiry_close_with_4401(client: Client) -> None:
     dev = SocketDevice(await client.ws_connect(WS))
     await dev.send({"t": "hello", "token": "forged", "device": "d", "domains": []})
     code, errors = await dev.closed_with()
@@ -190,7 +189,7 @@ async def test_bad_tokens_and_expiry_close_with_4401(client: TestClient) -> None
     assert code == CloseCode.UNAUTHORIZED and errors[-1]["code"] == "token_expired"
 
 
-async def test_push_errors_are_frames_and_keep_the_socket(client: TestClient) -> None:
+async def test_push_errors_are_frames_and_keep_the_socket(client: Client) -> None:
     dev = await connect(client)
     await dev.caught_up("activity")
     unknown = await dev.push(1, "payroll", [new_item(a=1)])
@@ -209,7 +208,7 @@ async def test_push_errors_are_frames_and_keep_the_socket(client: TestClient) ->
 
 
 async def test_oversized_frames_close_with_1009(
-    make_client: Callable[..., Awaitable[TestClient]],
+    make_client: Callable[..., Awaitable[Client]],
 ) -> None:
     client = await make_client(sockets=SocketSettings(max_frame_bytes=1024))
     dev = await connect(client)
@@ -225,17 +224,17 @@ async def test_oversized_frames_close_with_1009(
     assert code == CloseCode.MESSAGE_TOO_BIG
 
 
-async def test_shutdown_closes_sockets_with_going_away(client: TestClient) -> None:
+async def test_shutdown_closes_sockets_with_going_away(client: Client) -> None:
     dev = await connect(client)
     await dev.caught_up("activity")
     closing = asyncio.create_task(dev.closed_with())
-    await client.server.app.shutdown()
+    await client.app.shutdown()
     code, _ = await closing
     assert code == CloseCode.GOING_AWAY
 
 
 async def test_browser_origins_must_be_allowed(
-    make_client: Callable[..., Awaitable[TestClient]],
+    make_client: Callable[..., Awaitable[Client]],
 ) -> None:
     client = await make_client(
         sockets=SocketSettings(allowed_origins=frozenset({"https://app.example"}))

@@ -118,7 +118,7 @@ async def test_compaction_keeps_pending_updates_across_restart(tmp_path: Path) -
         assert (
             await dev.push("activity", [{"record_id": r, "update": other.set(assignee="bob")}])
         )[0]["status"] == "merged"
-        store = client.server.app[SERVICES].store
+        store = client.app[SERVICES].store
         assert await compact_due(store, min_tail=1) == 1
         key = RecordKey("t1", "activity", r)
         folded = (await store.load_records([key]))[key]

@@ -95,7 +95,7 @@ async def test_a_cached_record_costs_few_tracked_objects(store: SQLiteStore) -> 
 
 
 def test_record_state_holds_only_untracked_containers() -> None:
-    doc = Doc()
+    doc: Doc[Any] = Doc()
     doc.get(records.FIELDS_ROOT, type=Map).update({"ticketdesc": "printer", "level": 1})
     doc.get(records.META_ROOT, type=Map).update({"lock.level": "bo1"})
     history = doc.get(records.HISTORY_ROOT, type=Array)
@@ -148,7 +148,7 @@ async def test_memory_is_bounded_under_the_policy(
 
     async def push_round(round_no: int) -> None:
         for start in range(0, len(ids), 10):
-            items = [
+            items: list[dict[str, Any]] = [
                 {
                     "record_id": record_id,
                     "bu": "bu1",

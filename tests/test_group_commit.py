@@ -12,6 +12,7 @@ from storage import Store
 from storage.base import RecordConflict, StorageUnavailable
 from storage.group_commit import GroupCommitter
 from storage.types import NewEntry, NodeId, Position, RecordKey, RecordWrite, WriteBatch
+from tests.conftest import StoreFactory
 
 X = RecordKey("t1", "activity", "rec-x")
 Y = RecordKey("t1", "activity", "rec-y")
@@ -68,7 +69,9 @@ async def test_other_failures_are_storage_unavailable() -> None:
     await committer.close()
 
 
-async def test_a_stale_record_fails_only_the_batches_built_on_it(store_factory) -> None:
+async def test_a_stale_record_fails_only_the_batches_built_on_it(
+    store_factory: StoreFactory,
+) -> None:
     """Node b moves X first. Of node a's four batches, submitted together, the X pair (the
     second merged on the first) fails; the Y pair, which merged on nothing stale, commits."""
     a: Store = await store_factory(register=False)

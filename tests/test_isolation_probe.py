@@ -15,10 +15,9 @@ from typing import Any
 import aiohttp
 import msgpack
 import pytest
-from aiohttp.test_utils import TestClient
 
 from server.yprotocol import STEP1, STEP2, SYNC, Reader, message
-from tests.helpers import Api, Replica, SocketDevice, b64, token
+from tests.helpers import Api, Client, Replica, SocketDevice, b64, token
 
 TENANTS, BUS = ("ta", "tb", "tc"), ("bu1", "bu2")
 
@@ -28,7 +27,7 @@ def marker(tenant: str, bu: str) -> str:
 
 
 @pytest.fixture
-async def world(client: TestClient) -> dict[tuple[str, str], str]:
+async def world(client: Client) -> dict[tuple[str, str], str]:
     """One record per (tenant, bu), all with the same record ids across tenants."""
     ids = {bu: str(uuid.uuid4()) for bu in BUS}
     for tenant in TENANTS:
@@ -49,7 +48,7 @@ def assert_clean(raw: bytes, tenant: str) -> None:
         assert foreign not in raw, foreign
 
 
-async def test_http_probe(client: TestClient, world: dict[tuple[str, str], str]) -> None:
+async def test_http_probe(client: Client, world: dict[tuple[str, str], str]) -> None:
     for tenant in TENANTS:
         api = Api(client, token(tenant, ["bu1"], user="probe"), device="probe")
         own, other_bu = world[(tenant, "bu1")], world[(tenant, "bu2")]
@@ -86,7 +85,7 @@ async def test_http_probe(client: TestClient, world: dict[tuple[str, str], str])
         assert len(bodies) == 1
 
 
-async def test_device_socket_probe(client: TestClient, world: dict[tuple[str, str], str]) -> None:
+async def test_device_socket_probe(client: Client, world: dict[tuple[str, str], str]) -> None:
     for tenant in TENANTS:
         ws = await client.ws_connect("/api/v1/ws")
         dev = SocketDevice(ws)
@@ -125,7 +124,7 @@ async def test_device_socket_probe(client: TestClient, world: dict[tuple[str, st
         await ws.close()
 
 
-async def test_yjs_socket_probe(client: TestClient, world: dict[tuple[str, str], str]) -> None:
+async def test_yjs_socket_probe(client: Client, world: dict[tuple[str, str], str]) -> None:
     for tenant in TENANTS:
         tok = token(tenant, ["bu1"], user="probe")
         other_bu = world[(tenant, "bu2")]
@@ -156,7 +155,7 @@ async def test_yjs_socket_probe(client: TestClient, world: dict[tuple[str, str],
         await ws.close()
 
 
-async def test_cursors_do_not_cross_tenants(client: TestClient, world: Any) -> None:
+async def test_cursors_do_not_cross_tenants(client: Client, world: Any) -> None:
     a = Api(client, token("ta", ["*"]), device="a")
     _, cursor = await a.pull_all("activity")
     b = Api(client, token("tb", ["*"]), device="b")

@@ -15,28 +15,28 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
 from crdt_models.yupdate import inspect_state_vector
 from server.app import create_app
 from server.config import Config
-from tests.helpers import Api, Replica, SocketDevice, token
+from tests.helpers import Api, Client, Replica, SocketDevice, token
 from tests.test_yjs_socket import open_peer
 
-Node = Callable[[str], Awaitable[TestClient]]
+Node = Callable[[str], Awaitable[Client]]
 TOKEN = token("t1", ("bu1",), "u1")
 
 
 @pytest.fixture
-def node(aiohttp_client: Any, config: Config) -> Node:
-    async def start(node_id: str) -> TestClient:
+def node(aiohttp_client: AiohttpClient, config: Config) -> Node:
+    async def start(node_id: str) -> Client:
         changed = dataclasses.replace(config, node_id=node_id, peer_poll_s=0.2)
         return await aiohttp_client(create_app(changed))
 
     return start
 
 
-async def _record(api: Api, client: TestClient, record_id: str) -> dict[str, Any]:
+async def _record(api: Api, client: Client, record_id: str) -> dict[str, Any]:
     resp = await client.get(f"/api/v1/records/activity/{record_id}", headers=api.headers())
     assert resp.status == 200, await resp.text()
     body: dict[str, Any] = await resp.json()

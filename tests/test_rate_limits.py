@@ -11,13 +11,12 @@ from typing import Any
 import aiohttp
 import msgpack
 import pytest
-from aiohttp.test_utils import TestClient
 
 from server.ratelimit import Buckets, Limited, Rate, RateLimiter, RateSettings, TenantSlots
 from server.sockets import CloseCode
-from tests.helpers import Api, Replica, ServerProcess, SocketDevice, token
+from tests.helpers import Api, Client, Replica, ServerProcess, SocketDevice, token
 
-MakeClient = Callable[..., Awaitable[TestClient]]
+MakeClient = Callable[..., Awaitable[Client]]
 
 
 def item() -> dict[str, Any]:
@@ -170,7 +169,7 @@ async def test_connections_waiting_for_hello_are_capped(make_client: MakeClient)
     await ok.close()
 
 
-async def test_compression_is_not_offered(client: TestClient) -> None:
+async def test_compression_is_not_offered(client: Client) -> None:
     ws = await client.ws_connect("/api/v1/ws", compress=15)
     assert ws.compress == 0
     await ws.close()

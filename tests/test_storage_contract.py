@@ -20,6 +20,7 @@ from storage.types import (
     RecordWrite,
     WriteBatch,
 )
+from tests.conftest import StoreFactory
 
 KEY = RecordKey("t1", "activity", "rec-1")
 
@@ -31,7 +32,7 @@ def _write(key: RecordKey, version: int, update: bytes = b"u", bu: str = "bu1") 
     )
 
 
-async def test_register_node_is_stable(store_factory) -> None:
+async def test_register_node_is_stable(store_factory: StoreFactory) -> None:
     store: Store = await store_factory(register=False)
     first = await store.register_node(None, 111)
     again = await store.register_node(None, 222)
@@ -161,7 +162,7 @@ async def test_quarantine_is_kept_out_of_the_log(store: Store) -> None:
     assert await store.get_record(KEY) is None
 
 
-async def test_acknowledged_writes_survive_reopen(store_factory) -> None:
+async def test_acknowledged_writes_survive_reopen(store_factory: StoreFactory) -> None:
     store: Store = await store_factory()
     await store.commit(_write(KEY, 1, b"durable"))
     await store.close()
@@ -172,7 +173,7 @@ async def test_acknowledged_writes_survive_reopen(store_factory) -> None:
     assert positions[0].seq == rec.tail[0].position.seq + 1
 
 
-async def test_closed_store_refuses_commits(store_factory) -> None:
+async def test_closed_store_refuses_commits(store_factory: StoreFactory) -> None:
     store: Store = await store_factory()
     await store.close()
     with pytest.raises(StorageUnavailable):
@@ -220,7 +221,7 @@ async def test_a_fold_of_folded_entries_is_skipped(store: Store) -> None:
     assert rec.row.snapshot == b"snap-all" and rec.tail == ()
 
 
-async def test_two_nodes_share_a_database(store_factory) -> None:
+async def test_two_nodes_share_a_database(store_factory: StoreFactory) -> None:
     a: Store = await store_factory(register=False)
     b: Store = await store_factory(register=False)
     node_a = await a.register_node(NodeId("node-a"), 501)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypedDict
 
 from pycrdt import Doc, Map
 
@@ -17,6 +17,14 @@ Make = Callable[..., Api]
 
 def rid() -> str:
     return str(uuid.uuid4())
+
+
+IdempotencyHeader = TypedDict("IdempotencyHeader", {"Idempotency-Key": str})
+
+
+def idempotency(key: str) -> IdempotencyHeader:
+    """The header as a TypedDict: a plain dict under ** could, to mypy, be push's `status`."""
+    return {"Idempotency-Key": key}
 
 
 def server_view(changes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -172,16 +180,16 @@ async def test_idempotent_retry_replays_and_a_changed_body_is_409(api: Make) -> 
     dev = api()
     r = rid()
     item = {"record_id": r, "bu": "bu1", "update": Replica().set(jobdesc="once")}
-    first = await dev.push("activity", [item], **{"Idempotency-Key": "k-1"})
-    replay = await dev.push("activity", [item], **{"Idempotency-Key": "k-1"})
+    first = await dev.push("activity", [item], **idempotency("k-1"))
+    replay = await dev.push("activity", [item], **idempotency("k-1"))
     assert replay == first and first[0]["status"] == "created"
     changes, _ = await dev.pull_all("activity")
     assert len(changes) == 1
     other = {"record_id": rid(), "bu": "bu1", "update": Replica().set(jobdesc="twice")}
-    conflict = await dev.push("activity", [other], status=409, **{"Idempotency-Key": "k-1"})
+    conflict = await dev.push("activity", [other], status=409, **idempotency("k-1"))
     assert conflict["error"]["code"] == "idempotency_mismatch"
     # keys are per user: another user may use the same key
-    someone = await dev.push("activity", [other], **{"Idempotency-Key": "k-2"})
+    someone = await dev.push("activity", [other], **idempotency("k-2"))
     assert someone[0]["status"] == "created"
 
 

@@ -22,10 +22,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient
 
 from server.yprotocol import AWARENESS, SYNC, Reader, message
-from tests.helpers import Api, Replica, token
+from tests.helpers import Api, Client, Replica, token
 
 INTEROP = Path(__file__).resolve().parent / "interop"
 SCRIPT = INTEROP / "sync_record.mjs"
@@ -50,7 +49,7 @@ def _node() -> str:
     return node
 
 
-def _args(client: TestClient, record_id: str, **options: str) -> list[str]:
+def _args(client: Client, record_id: str, **options: str) -> list[str]:
     url = f"ws://{client.server.host}:{client.server.port}/api/v1/yjs"
     out = [str(SCRIPT), "--url", url, "--record", record_id, "--bu", "bu1"]
     for name, value in options.items():
@@ -81,7 +80,7 @@ async def _finish(proc: asyncio.subprocess.Process) -> tuple[list[dict[str, Any]
     return [json.loads(line) for line in out.decode().splitlines() if line.strip()], stderr
 
 
-async def _record(client: TestClient, record_id: str) -> dict[str, Any]:
+async def _record(client: Client, record_id: str) -> dict[str, Any]:
     resp = await client.get(
         f"/api/v1/records/activity/{record_id}", headers=Api(client, token()).headers()
     )
@@ -90,7 +89,7 @@ async def _record(client: TestClient, record_id: str) -> dict[str, Any]:
     return record
 
 
-async def test_two_node_providers_sync_a_record_through_the_server(client: TestClient) -> None:
+async def test_two_node_providers_sync_a_record_through_the_server(client: Client) -> None:
     node = _node()
     r = str(uuid.uuid4())
     proc = await _start(
@@ -115,7 +114,7 @@ async def test_two_node_providers_sync_a_record_through_the_server(client: TestC
     assert (await _record(client, r))["fields"] == want
 
 
-async def test_an_http_push_reaches_an_open_node_provider_live(client: TestClient) -> None:
+async def test_an_http_push_reaches_an_open_node_provider_live(client: Client) -> None:
     node = _node()
     r = str(uuid.uuid4())
     phone = Replica()
@@ -142,7 +141,7 @@ async def test_an_http_push_reaches_an_open_node_provider_live(client: TestClien
     assert seen["stats"]["watch"]["connections"] == 1, seen
 
 
-async def test_a_peer_hears_its_own_awareness_back(client: TestClient) -> None:
+async def test_a_peer_hears_its_own_awareness_back(client: Client) -> None:
     """y-websocket drops a socket that received nothing for 30 s and reconnects. A lone
     provider only ever hears its own 15 s awareness renewals, echoed by the server (the
     reference server sends every awareness update to all connections, sender included)."""

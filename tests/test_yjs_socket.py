@@ -8,11 +8,10 @@ import uuid
 from typing import Any
 
 import aiohttp
-from aiohttp.test_utils import TestClient
 
 from server.sockets import CloseCode
 from server.yprotocol import AWARENESS, STEP1, STEP2, SYNC, UPDATE, Reader, message
-from tests.helpers import Api, Replica, token
+from tests.helpers import Api, Client, Replica, token
 
 
 class YPeer:
@@ -62,13 +61,13 @@ def path(record_id: str, tok: str | None = None, bu: str = "bu1", domain: str = 
     return f"/api/v1/yjs/{domain}/{record_id}?token={tok or token()}&bu={bu}"
 
 
-async def open_peer(client: TestClient, record_id: str, **kw: Any) -> YPeer:
+async def open_peer(client: Client, record_id: str, **kw: Any) -> YPeer:
     peer = YPeer(await client.ws_connect(path(record_id, **kw)))
     await peer.sync()
     return peer
 
 
-async def test_two_peers_sync_a_record_and_the_server_keeps_it(client: TestClient) -> None:
+async def test_two_peers_sync_a_record_and_the_server_keeps_it(client: Client) -> None:
     r = str(uuid.uuid4())
     a = await open_peer(client, r)
     b = await open_peer(client, r)
@@ -79,7 +78,7 @@ async def test_two_peers_sync_a_record_and_the_server_keeps_it(client: TestClien
     assert record["fields"] == {"jobdesc": "typed in the browser"} and echoed
 
 
-async def test_the_sender_receives_its_own_update_as_acknowledgement(client: TestClient) -> None:
+async def test_the_sender_receives_its_own_update_as_acknowledgement(client: Client) -> None:
     r = str(uuid.uuid4())
     a = await open_peer(client, r)
     sent = await a.update(remarks="ack me")
@@ -90,7 +89,7 @@ async def test_the_sender_receives_its_own_update_as_acknowledgement(client: Tes
                 break
 
 
-async def test_a_late_peer_gets_the_state_and_http_pushes_reach_peers(client: TestClient) -> None:
+async def test_a_late_peer_gets_the_state_and_http_pushes_reach_peers(client: Client) -> None:
     r = str(uuid.uuid4())
     api = Api(client, token(), device="phone")
     await api.push(
@@ -105,7 +104,7 @@ async def test_a_late_peer_gets_the_state_and_http_pushes_reach_peers(client: Te
     await peer.until(lambda: peer.replica.state().get("priority") == "HIGH")
 
 
-async def test_constraints_repair_live_on_every_peer(client: TestClient) -> None:
+async def test_constraints_repair_live_on_every_peer(client: Client) -> None:
     r = str(uuid.uuid4())
     a = await open_peer(client, r)
     b = await open_peer(client, r)
@@ -116,7 +115,7 @@ async def test_constraints_repair_live_on_every_peer(client: TestClient) -> None
         await peer.until(lambda p=peer: p.replica.state().get("gracetime") == 5)
 
 
-async def test_awareness_is_relayed_to_other_peers_and_cleared_on_leave(client: TestClient) -> None:
+async def test_awareness_is_relayed_to_other_peers_and_cleared_on_leave(client: Client) -> None:
     r = str(uuid.uuid4())
     a = await open_peer(client, r)
     b = await open_peer(client, r)
@@ -127,7 +126,7 @@ async def test_awareness_is_relayed_to_other_peers_and_cleared_on_leave(client: 
     await b.until(lambda: any(b"null" in p for p in b.awareness))
 
 
-async def test_scope_and_bad_frames(client: TestClient) -> None:
+async def test_scope_and_bad_frames(client: Client) -> None:
     r = str(uuid.uuid4())
     api = Api(client, token())
     await api.push(
