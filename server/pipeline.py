@@ -77,6 +77,7 @@ class _Merge:
     results: list[ItemResult] = field(default_factory=list)
     touched: dict[RecordKey, LiveRecord] = field(default_factory=dict)
     claims: list[tuple[str, int]] = field(default_factory=list)
+    charged: list[tuple[str, ...]] = field(default_factory=list)  # record-rate tokens taken
 
 
 Remember = Callable[[list[ItemResult]], IdempotencyWrite]
@@ -403,6 +404,7 @@ class Pipeline:
         rec.version += 1
         rec.exists, rec.bu = True, bu
         self.record_writes.take(tuple(rec.key))
+        merge.charged.append(tuple(rec.key))
         principal = actor.principal
         entries = merge.batch.entries
         entries.append(
@@ -480,7 +482,9 @@ class Pipeline:
 
         # On failure at once: a request resuming before ours must not merge on these docs.
         # (A partial, not a closure over `merge`: that would make batch and merge a cycle.)
-        discard = functools.partial(self._discard, list(merge.touched.values()), merge.claims)
+        discard = functools.partial(
+            self._discard, list(merge.touched.values()), merge.claims, merge.charged
+        )
         merge.batch.on_failure = discard
         try:
             positions = await self.store.commit(merge.batch)
@@ -491,10 +495,20 @@ class Pipeline:
             merge.batch.on_failure = None
         self._fan_out(merge.batch, positions)
 
-    def _discard(self, touched: list[LiveRecord], claims: list[tuple[str, int]]) -> None:
+    def _discard(
+        self,
+        touched: list[LiveRecord],
+        claims: list[tuple[str, int]],
+        charged: list[tuple[str, ...]],
+    ) -> None:
+        """Undo in memory what a merge that was never committed did: its docs, its client-id
+        claims, and the record-rate tokens it took (a merge redone after losing a race to
+        another node must not count twice against the record's rate)."""
         for rec in touched:
             self.live.poison(rec)
         self.owners.forget(claims)
+        for key in charged:
+            self.record_writes.give_back(key)
 
     def _fan_out(self, batch: WriteBatch, positions: list[Position]) -> None:
         if not self.listeners or not positions:

@@ -96,6 +96,11 @@ class Buckets:
     def take(self, key: tuple[str, ...]) -> None:
         self._refilled(key).tokens -= 1
 
+    def give_back(self, key: tuple[str, ...]) -> None:
+        """Return a token taken for work that was then undone."""
+        bucket = self._refilled(key)
+        bucket.tokens = min(float(self.rate.burst), bucket.tokens + 1)
+
     def _per_token(self) -> float:
         return self.rate.period_s / self.rate.count
 

@@ -20,6 +20,8 @@ from pytest_aiohttp import AiohttpClient
 from crdt_models.yupdate import inspect_state_vector
 from server.app import create_app
 from server.config import Config
+from server.ratelimit import Rate
+from server.services import SERVICES
 from tests.helpers import Api, Client, Replica, SocketDevice, token
 from tests.test_yjs_socket import open_peer
 
@@ -102,6 +104,39 @@ async def test_concurrent_pushes_of_one_record_on_two_nodes_lose_nothing(node: N
         merged.apply(change["update"])
     clients = {p.doc.client_id for p in phones}
     assert clients <= set(_state_clients(merged))
+
+
+async def test_a_merge_redone_after_losing_a_race_counts_once_against_the_record_rate(
+    aiohttp_client: AiohttpClient, config: Config
+) -> None:
+    """Each node lets the record take exactly the updates it is sent: a merge that lost the
+    version race to the other node and was merged again must not use a second token."""
+    pushes = 16
+    rates = dataclasses.replace(config.rates, record=Rate(pushes // 2 + 1, 3600))
+    a, b = [
+        await aiohttp_client(
+            create_app(dataclasses.replace(config, node_id=n, peer_poll_s=0.2, rates=rates))
+        )
+        for n in ("node-a", "node-b")
+    ]
+    rid = str(uuid.uuid4())
+    phones = [Replica() for _ in range(pushes)]
+    create = phones[0].set(jobdesc="many hands", jobstatus="ASSIGNED")
+    await Api(a, TOKEN, "dev-0").push(
+        "activity", [{"record_id": rid, "bu": "bu1", "update": create}]
+    )
+    for phone in phones:
+        phone.apply(create)
+    apis = [Api(a if i % 2 == 0 else b, TOKEN, f"dev-{i}") for i in range(pushes)]
+    results = await asyncio.gather(
+        *(
+            api.push("activity", [{"record_id": rid, "update": p.set(remarks=f"r{i}")}])
+            for i, (api, p) in enumerate(zip(apis, phones))
+        )
+    )
+    assert all(r[0]["status"] == "merged" for r in results), [r[0].get("error") for r in results]
+    redone = sum(c.app[SERVICES].pipeline.merge_retries for c in (a, b))
+    assert (await _record(Api(a, TOKEN, "auditor"), a, rid))["version"] == 1 + pushes, redone
 
 
 def _state_clients(replica: Replica) -> dict[int, int]:
