@@ -6,6 +6,7 @@ keys is how CouchDB's CVE-2017-12635 happened, so a body either means one thing 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -66,10 +67,13 @@ def is_msgpack(content_type: str) -> bool:
     return content_type.split(";")[0].strip().lower() in _MSGPACK_TYPES
 
 
-async def read_body(request: web.Request, max_bytes: int) -> tuple[bytes, Any, bool]:
+async def read_body(
+    request: web.Request, max_bytes: int, idle_timeout_s: float
+) -> tuple[bytes, Any, bool]:
     """The raw body, its decoded value, and whether it was msgpack.
 
-    Refuses other media types and bodies over `max_bytes` before reading them whole.
+    Refuses other media types and bodies over `max_bytes` before reading them whole, and a
+    body that sends nothing for `idle_timeout_s` (408).
     """
     content_type = request.headers.get("Content-Type", JSON)
     binary = is_msgpack(content_type)
@@ -80,13 +84,28 @@ async def read_body(request: web.Request, max_bytes: int) -> tuple[bytes, Any, b
         )
     if request.content_length is not None and request.content_length > max_bytes:
         raise too_large(max_bytes)
-    try:
-        body = await request.read()  # bounded by the app's client_max_size
-    except web.HTTPRequestEntityTooLarge:
-        raise too_large(max_bytes) from None
-    if len(body) > max_bytes:
-        raise too_large(max_bytes)
+    body = await _read_all(request, max_bytes, idle_timeout_s)
     return body, (decode_msgpack(body) if binary else decode_json(body)), binary
+
+
+async def _read_all(request: web.Request, max_bytes: int, idle_timeout_s: float) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            async with asyncio.timeout(idle_timeout_s):
+                chunk = await request.content.readany()
+        except TimeoutError:
+            raise ApiError(
+                ErrorCode.REQUEST_TIMEOUT,
+                f"the request body sent nothing for {idle_timeout_s:g} s ({size} bytes came)",
+            ) from None
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > max_bytes:
+            raise too_large(max_bytes)
+        chunks.append(chunk)
 
 
 def too_large(max_bytes: int) -> ApiError:

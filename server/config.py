@@ -19,6 +19,9 @@ class Limits:
     max_record_id_len: int = 128
     max_pull_limit: int = 5000
     default_pull_limit: int = 500
+    body_idle_timeout_s: float = 30.0
+    """A request body that sends nothing for this long is answered 408: slow uploads from a
+    bad network go through, a stalled (or slowloris) body does not hold its connection."""
 
 
 @dataclass(frozen=True, slots=True)

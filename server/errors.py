@@ -24,6 +24,7 @@ class ErrorCode(StrEnum):
     METHOD_NOT_ALLOWED = "method_not_allowed"
     IDEMPOTENCY_MISMATCH = "idempotency_mismatch"
     PAYLOAD_TOO_LARGE = "payload_too_large"
+    REQUEST_TIMEOUT = "request_timeout"
     INVALID_RECORD = "invalid_record"
     TOO_MANY_ITEMS = "too_many_items"
     INVALID_CURSOR = "invalid_cursor"
@@ -51,6 +52,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.METHOD_NOT_ALLOWED: 405,
     ErrorCode.IDEMPOTENCY_MISMATCH: 409,
     ErrorCode.PAYLOAD_TOO_LARGE: 413,
+    ErrorCode.REQUEST_TIMEOUT: 408,
     ErrorCode.INVALID_RECORD: 422,
     ErrorCode.TOO_MANY_ITEMS: 413,
     ErrorCode.RATE_LIMITED: 429,

@@ -46,7 +46,9 @@ async def patch_record(request: web.Request) -> web.Response:
             ErrorCode.FORBIDDEN, "editing records needs the backoffice or supervisor role"
         )
     key = _key(request, principal)
-    _, body, _ = await codec.read_body(request, svc.config.limits.max_body_bytes)
+    _, body, _ = await codec.read_body(
+        request, svc.config.limits.max_body_bytes, svc.config.limits.body_idle_timeout_s
+    )
     values = _patch_fields(body)
     actor = Actor(principal, request.headers.get("Device-Id"), Origin.BACKOFFICE)
     result = await svc.pipeline.edit(actor, key, values)

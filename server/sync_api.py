@@ -40,7 +40,9 @@ async def push(request: web.Request) -> web.Response:
     actor = Actor(principal, device_id(request))
     svc.limit(principal, actor.device)
     domain = domain_of(request)
-    raw, body, binary = await codec.read_body(request, svc.config.limits.max_body_bytes)
+    raw, body, binary = await codec.read_body(
+        request, svc.config.limits.max_body_bytes, svc.config.limits.body_idle_timeout_s
+    )
     items = parse_items(body, binary, svc.config.limits.max_items)
     key = request.headers.get("Idempotency-Key")
     async with svc.tenant_slot(principal):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import dataclasses
 import json
 import os
 import resource
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +18,10 @@ import jwt
 import msgpack
 import pytest
 
-from tests.helpers import SECRET, Api, Replica, b64, token
+from server.config import Limits
+from tests.helpers import SECRET, Api, Client, Replica, b64, token
 
+MakeClient = Callable[..., Awaitable[Client]]
 CORPUS = Path(__file__).parent / "corpus" / "hostile"
 PANIC = base64.b64decode("AQOp/6QBAAQBAXQBQAAAAAAAAAB2AQEBdndrAA==")
 
@@ -276,3 +281,51 @@ async def test_a_cursor_from_another_tenant_or_domain_is_refused(api: Any) -> No
     _, cursor = await t1.pull_all("activity")
     assert_error_shape(await t2.changes("activity", cursor, status=400), "invalid_cursor")
     assert_error_shape(await t1.changes("helpdesk", cursor, status=400), "invalid_cursor")
+
+
+async def _raw_post(client: Client, head: bytes, body: bytes, wait_s: float) -> bytes:
+    """Send a request head and part of a body over a raw socket; what comes back."""
+    assert client.server.host is not None and client.server.port is not None
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    try:
+        writer.write(head + body)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(65536), wait_s)
+    finally:
+        writer.close()
+
+
+async def test_a_stalled_request_body_is_answered_408_and_saves_nothing(
+    make_client: MakeClient,
+) -> None:
+    client = await make_client(limits=dataclasses.replace(Limits(), body_idle_timeout_s=0.3))
+    dev = Api(client, token())
+    head = (
+        "POST /api/v1/sync/activity/sync HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {dev.token}\r\nDevice-Id: dev-1\r\n"
+        "Content-Type: application/json\r\nContent-Length: 400\r\n\r\n"
+    ).encode()
+    started = time.monotonic()
+    answer = await _raw_post(client, head, b'{"items": [', wait_s=5)
+    assert time.monotonic() - started < 3
+    status, _, body = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 408"), answer
+    assert_error_shape(json.loads(body), "request_timeout")
+    assert (await dev.pull_all("activity"))[0] == []
+
+
+async def test_a_chunked_body_over_the_limit_is_refused(make_client: MakeClient) -> None:
+    client = await make_client(limits=dataclasses.replace(Limits(), max_body_bytes=1000))
+    dev = Api(client, token())
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(20):
+            yield b" " * 100
+
+    resp = await client.post(
+        "/api/v1/sync/activity/sync",
+        data=chunks(),
+        headers=dev.headers(**{"Content-Type": "application/json"}),
+    )
+    assert resp.status == 413
+    assert_error_shape(await resp.json(), "payload_too_large")
