@@ -190,6 +190,14 @@ def _serve_options(serve: argparse.ArgumentParser) -> None:
     )
     _env_option(
         serve,
+        "--sockets-per-user",
+        "FIELDSYNC_SOCKETS_PER_USER",
+        positive_int,
+        "64",
+        "open sockets (device and Yjs) per user",
+    )
+    _env_option(
+        serve,
         "--tenant-merges",
         "FIELDSYNC_TENANT_MERGES",
         positive_int,
@@ -305,6 +313,7 @@ def _serve(args: argparse.Namespace) -> None:
         args.rate_tenant,
         args.sockets_per_device,
         args.rate_record,
+        sockets_per_user=args.sockets_per_user,
         tenant_in_flight=args.tenant_merges,
     )
     rules = RuleSettings(

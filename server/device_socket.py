@@ -94,7 +94,8 @@ class DeviceSession:
             await self._close(exc)
         finally:
             if self.actor is not None:
-                self.svc.limiter.close_socket(self.actor.principal.tenant, str(self.actor.device))
+                principal = self.actor.principal
+                self.svc.limiter.close_socket(principal.tenant, principal.user, self.actor.device)
             for feed in self.feeds:
                 self.svc.hub.unsubscribe(feed)
             if sender is not None:
@@ -124,12 +125,11 @@ class DeviceSession:
             principal = self.svc.verifier.verify(token)
         except ApiError as exc:
             raise Fatal(CloseCode.UNAUTHORIZED, "unauthorized", exc.message) from None
-        if not self.svc.limiter.open_socket(principal.tenant, str(device)):
-            raise Fatal(
-                CloseCode.TOO_MANY,
-                "too_many_sockets",
-                f"at most {self.svc.config.rates.sockets_per_device} sockets per device",
-            )
+        over = self.svc.limiter.open_socket(principal.tenant, principal.user, str(device))
+        if over is not None:
+            rates = self.svc.config.rates
+            cap = rates.sockets_per_device if over == "device" else rates.sockets_per_user
+            raise Fatal(CloseCode.TOO_MANY, "too_many_sockets", f"at most {cap} sockets per {over}")
         self.actor = Actor(principal, str(device))
         self._subscribe(principal, str(device), frame.get("domains", []), frame.get("cursors"))
         return principal

@@ -128,6 +128,7 @@ class RateSettings:
     tenant: Rate = Rate(6000, 60.0)
     sockets_per_device: int = 4
     record: Rate = Rate(600, 60.0)  # accepted updates of one record
+    sockets_per_user: int = 64  # device and Yjs sockets of one user (rotating device ids)
     preauth_sockets: int = 1000  # sockets that have not said hello yet
     tenant_in_flight: int = 8  # sync requests of one tenant being merged at once
     tenant_queue: int = 256  # of one tenant's requests waiting for a slot; past it: 429
@@ -141,7 +142,8 @@ class RateLimiter:
             Buckets("user", settings.user, clock=clock),
             Buckets("tenant", settings.tenant, clock=clock),
         )
-        self._sockets: dict[tuple[str, str], int] = {}
+        self._sockets: dict[tuple[str, str], int] = {}  # (tenant, device) -> open
+        self._user_sockets: dict[tuple[str, str], int] = {}  # (tenant, user) -> open
 
     def check(self, tenant: str, user: str, device: str | None) -> None:
         """Take one request's token from each bucket, or raise Limited and take none."""
@@ -154,21 +156,35 @@ class RateLimiter:
         for kind, key in zip(self._kinds, keys):
             kind.take(key)
 
-    def open_socket(self, tenant: str, device: str) -> bool:
-        """Count a socket of a device; False when the device already has too many."""
-        key = (tenant, device)
-        if self._sockets.get(key, 0) >= self.settings.sockets_per_device:
-            return False
-        self._sockets[key] = self._sockets.get(key, 0) + 1
-        return True
+    def open_socket(self, tenant: str, user: str, device: str | None) -> str | None:
+        """Count a socket; what is over its cap ("device" or "user"), or None if it may open.
 
-    def close_socket(self, tenant: str, device: str) -> None:
-        key = (tenant, device)
-        left = self._sockets.get(key, 0) - 1
-        if left > 0:
-            self._sockets[key] = left
-        else:
-            self._sockets.pop(key, None)
+        `device=None`: a socket not capped per device (a Yjs socket: a browser opens one
+        per record it shows). Every socket counts against its user's cap, so rotating
+        device ids cannot open sockets without end.
+        """
+        user_key, device_key = (tenant, user), (tenant, device or "")
+        if self._user_sockets.get(user_key, 0) >= self.settings.sockets_per_user:
+            return "user"
+        if device is not None:
+            if self._sockets.get(device_key, 0) >= self.settings.sockets_per_device:
+                return "device"
+            _count(self._sockets, device_key, 1)
+        _count(self._user_sockets, user_key, 1)
+        return None
+
+    def close_socket(self, tenant: str, user: str, device: str | None) -> None:
+        _count(self._user_sockets, (tenant, user), -1)
+        if device is not None:
+            _count(self._sockets, (tenant, device), -1)
+
+
+def _count(counts: dict[tuple[str, str], int], key: tuple[str, str], step: int) -> None:
+    left = counts.get(key, 0) + step
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
 
 
 class TenantSlots:

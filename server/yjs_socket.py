@@ -62,19 +62,38 @@ async def yjs_socket(request: web.Request) -> web.WebSocketResponse:
     if not is_valid_id(device):
         raise ApiError(ErrorCode.BAD_REQUEST, "device must be a 1-128 character id")
     actor = Actor(principal, device)
+    svc.limit(principal, device)  # opening (or reopening) a record's socket is a sync
     key = RecordKey(principal.tenant, domain, record_id)
     bu = await svc.pipeline.writable_bu(actor, key, bu)
-    settings = svc.config.sockets
-    ws = web.WebSocketResponse(
-        heartbeat=settings.heartbeat_s, max_msg_size=settings.max_frame_bytes, compress=False
-    )
-    await ws.prepare(request)
-    svc.sockets.add(ws)
+    if svc.limiter.open_socket(principal.tenant, principal.user, None) is not None:
+        raise _too_many_sockets(svc.config.rates.sockets_per_user)
     try:
-        await YjsPeer(svc, ws, actor, key, bu).run()
+        settings = svc.config.sockets
+        ws = web.WebSocketResponse(
+            heartbeat=settings.heartbeat_s, max_msg_size=settings.max_frame_bytes, compress=False
+        )
+        await ws.prepare(request)
+        svc.sockets.add(ws)
+        try:
+            await YjsPeer(svc, ws, actor, key, bu).run()
+        finally:
+            svc.sockets.discard(ws)
     finally:
-        svc.sockets.discard(ws)
+        svc.limiter.close_socket(principal.tenant, principal.user, None)
     return ws
+
+
+SOCKET_RETRY_S = 10
+
+
+def _too_many_sockets(cap: int) -> ApiError:
+    """429 before the upgrade: the user already holds `cap` sockets (device and Yjs)."""
+    return ApiError(
+        ErrorCode.RATE_LIMITED,
+        f"at most {cap} open sockets per user; close one, or retry in {SOCKET_RETRY_S} s",
+        {"scope": "sockets_per_user", "retry_after": SOCKET_RETRY_S},
+        headers={"Retry-After": str(SOCKET_RETRY_S)},
+    )
 
 
 class YjsPeer:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -14,7 +15,8 @@ import pytest
 
 from server.ratelimit import Buckets, Limited, Rate, RateLimiter, RateSettings, TenantSlots
 from server.sockets import CloseCode
-from tests.helpers import Api, Client, Replica, ServerProcess, SocketDevice, token
+from tests.helpers import GENEROUS, Api, Client, Replica, ServerProcess, SocketDevice, token
+from tests.test_yjs_socket import path as yjs_path
 
 MakeClient = Callable[..., Awaitable[Client]]
 
@@ -131,6 +133,50 @@ async def test_sockets_per_device_are_capped(make_client: MakeClient) -> None:
         await asyncio.sleep(0.02)
     else:
         raise AssertionError("the freed socket slot was never reusable")
+
+
+async def test_rotating_device_ids_meet_the_users_socket_cap(make_client: MakeClient) -> None:
+    client = await make_client(
+        rates=dataclasses.replace(GENEROUS, sockets_per_device=2, sockets_per_user=3)
+    )
+    held = []
+    for n in range(3):
+        device = SocketDevice(await client.ws_connect("/api/v1/ws"))
+        await device.hello(token(), f"phone-{n}", [])
+        held.append(device)
+    extra = SocketDevice(await client.ws_connect("/api/v1/ws"))
+    await extra.send({"t": "hello", "token": token(), "device": "phone-new", "domains": []})
+    code, errors = await extra.closed_with()
+    assert code == CloseCode.TOO_MANY and errors[0]["code"] == "too_many_sockets"
+    assert "per user" in errors[0]["message"]
+    # a Yjs socket counts against the same cap: refused before the upgrade, with Retry-After
+    refused = await client.get(yjs_path(str(uuid.uuid4())))
+    assert refused.status == 429 and refused.headers["Retry-After"].isdigit()
+    assert (await refused.json())["error"]["details"]["scope"] == "sockets_per_user"
+    # another user of the tenant is not affected
+    other = await client.ws_connect(yjs_path(str(uuid.uuid4()), token(user="u2")))
+    await other.close()
+    for device in held:
+        await device.ws.close()
+
+
+async def test_yjs_sockets_of_a_user_are_capped_and_freed_on_close(
+    make_client: MakeClient,
+) -> None:
+    client = await make_client(rates=dataclasses.replace(GENEROUS, sockets_per_user=2))
+    record = str(uuid.uuid4())
+    first = await client.ws_connect(yjs_path(record))
+    second = await client.ws_connect(yjs_path(record))
+    assert (await client.get(yjs_path(record))).status == 429
+    await first.close()
+    for _ in range(50):  # the server notices the close asynchronously
+        resp = await client.get(yjs_path(record))
+        if resp.status != 429:
+            break
+        await asyncio.sleep(0.02)
+    else:
+        raise AssertionError("the closed socket's slot was never freed")
+    await second.close()
 
 
 async def test_one_record_takes_a_bounded_number_of_updates(make_client: MakeClient) -> None:
