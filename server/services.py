@@ -45,7 +45,7 @@ class Services:
         try:
             self.limiter.check(principal.tenant, principal.user, device)
         except Limited as exc:
-            raise self._refused(exc) from None
+            raise self.refused(exc) from None
 
     @contextlib.asynccontextmanager
     async def tenant_slot(self, principal: Principal) -> AsyncIterator[None]:
@@ -54,9 +54,10 @@ class Services:
             async with self.tenant_slots.slot(principal.tenant):
                 yield
         except Limited as exc:  # only the slot raises it: the merge itself never does
-            raise self._refused(exc) from None
+            raise self.refused(exc) from None
 
-    def _refused(self, exc: Limited) -> ApiError:
+    def refused(self, exc: Limited) -> ApiError:
+        """The 429 answer to a limit (counted in `fieldsync_rate_limited_total`)."""
         self.metrics.rate_limited.labels(exc.scope).inc()
         return ApiError(
             ErrorCode.RATE_LIMITED,

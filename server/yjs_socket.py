@@ -27,6 +27,7 @@ from .awareness import Room, parse_awareness
 from .errors import ApiError, ErrorCode
 from .hub import BufferLimits, Feed
 from .merge_types import Actor, PushItem
+from .ratelimit import Limited
 from .services import Services, services
 from .sockets import CloseCode, check_origin
 from .sync_api import domain_of
@@ -66,7 +67,10 @@ async def yjs_socket(request: web.Request) -> web.WebSocketResponse:
     key = RecordKey(principal.tenant, domain, record_id)
     bu = await svc.pipeline.writable_bu(actor, key, bu)
     if svc.limiter.open_socket(principal.tenant, principal.user, None) is not None:
-        raise _too_many_sockets(svc.config.rates.sockets_per_user)
+        cap = svc.config.rates.sockets_per_user
+        raise svc.refused(
+            Limited("sockets_per_user", f"at most {cap} open sockets per user", SOCKET_RETRY_S)
+        )
     try:
         settings = svc.config.sockets
         ws = web.WebSocketResponse(
@@ -83,17 +87,7 @@ async def yjs_socket(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-SOCKET_RETRY_S = 10
-
-
-def _too_many_sockets(cap: int) -> ApiError:
-    """429 before the upgrade: the user already holds `cap` sockets (device and Yjs)."""
-    return ApiError(
-        ErrorCode.RATE_LIMITED,
-        f"at most {cap} open sockets per user; close one, or retry in {SOCKET_RETRY_S} s",
-        {"scope": "sockets_per_user", "retry_after": SOCKET_RETRY_S},
-        headers={"Retry-After": str(SOCKET_RETRY_S)},
-    )
+SOCKET_RETRY_S = 10  # a socket slot frees when one of the user's sockets closes
 
 
 class YjsPeer:

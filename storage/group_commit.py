@@ -52,9 +52,6 @@ class GroupCommitter:
         )
         self._task: asyncio.Task[None] | None = None
         self._closed = False
-        self.groups_committed = 0
-        self.batches_committed = 0
-        self.batches_isolated = 0  # committed again after others in their group conflicted
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="fieldsync-group-commit")
@@ -114,12 +111,9 @@ class GroupCommitter:
                 self._fail_queued(failure)
                 return
             kept = self._fail_dependents(group, stale, failure)
-            self.batches_isolated += len(kept)
             if kept:
                 await self._commit(kept)
             return
-        self.groups_committed += 1
-        self.batches_committed += len(group)
         for (_, fut), pos in zip(group, positions):
             if not fut.done():
                 fut.set_result(pos)

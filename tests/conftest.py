@@ -32,23 +32,7 @@ set_hypothesis_home_dir(str(Path(__file__).parent / ".hypothesis"))
 
 STORE_BACKENDS = ["sqlite", "postgres"]
 
-SQLITE_ONLY = {
-    "test_a_failed_commit_answers_503_and_changes_nothing": (
-        "breaks the database with a SQLite trigger; tests/test_postgres.py has the"
-        " PostgreSQL version"
-    ),
-}
-"""Tests that reach into the SQLite file itself: their postgres runs are skipped."""
-
 StoreFactory = Callable[..., Awaitable[Store]]
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        callspec = getattr(item, "callspec", None)
-        reason = SQLITE_ONLY.get(getattr(item, "originalname", ""))
-        if reason and callspec is not None and "postgres" in callspec.params.values():
-            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg  # type: ignore[import-untyped]
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -152,34 +154,55 @@ async def test_compaction_keeps_pending_updates_across_restart(tmp_path: Path) -
         assert fresh.state() == after["fields"]
 
 
+@contextlib.asynccontextmanager
+async def _log_inserts_fail_for(db: str, record_id: str) -> AsyncIterator[None]:
+    """A real database failure: a trigger aborts any transaction that logs `record_id`."""
+    if not db.startswith("postgresql://"):
+        with sqlite3.connect(db) as conn:
+            conn.execute(
+                f"CREATE TRIGGER boom BEFORE INSERT ON log WHEN NEW.record_id = '{record_id}'"
+                " BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"
+            )
+        yield
+        with sqlite3.connect(db) as conn:
+            conn.execute("DROP TRIGGER boom")
+        return
+    pg = await asyncpg.connect(db)
+    try:
+        await pg.execute(
+            "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$"
+            f" BEGIN IF NEW.record_id = '{record_id}' THEN RAISE EXCEPTION 'disk on fire';"
+            " END IF; RETURN NEW; END $$;"
+            " CREATE TRIGGER boom BEFORE INSERT ON log FOR EACH ROW EXECUTE FUNCTION boom()"
+        )
+        yield
+        await pg.execute("DROP TRIGGER boom ON log")
+    finally:
+        await pg.close()
+
+
 async def test_a_failed_commit_answers_503_and_changes_nothing(api: Any, config: Config) -> None:
-    """A real SQLite failure (a trigger aborts the transaction) during a push."""
+    """A real database failure (a trigger aborts the transaction) during a push."""
     dev = api()
     kept, doomed = str(uuid.uuid4()), str(uuid.uuid4())
     rep = Replica()
     await dev.push(
         "activity", [{"record_id": kept, "bu": "bu1", "update": rep.set(jobdesc="before")}]
     )
-    with sqlite3.connect(config.db) as db:
-        db.execute(
-            f"CREATE TRIGGER boom BEFORE INSERT ON log WHEN NEW.record_id = '{doomed}'"
-            " BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"
-        )
     lost = rep.set(remarks="never acknowledged")
-    resp = await dev.client.post(
-        "/api/v1/sync/activity/sync",
-        headers=dev.headers(),
-        json={
-            "items": [
-                {"record_id": kept, "update": b64(lost)},
-                {"record_id": doomed, "bu": "bu1", "update": b64(Replica().set(jobdesc="x"))},
-            ]
-        },
-    )
-    assert resp.status == 503 and resp.headers["Retry-After"] == "1"
-    assert (await resp.json())["error"]["code"] == "storage_unavailable"
-    with sqlite3.connect(config.db) as db:
-        db.execute("DROP TRIGGER boom")
+    async with _log_inserts_fail_for(config.db, doomed):
+        resp = await dev.client.post(
+            "/api/v1/sync/activity/sync",
+            headers=dev.headers(),
+            json={
+                "items": [
+                    {"record_id": kept, "update": b64(lost)},
+                    {"record_id": doomed, "bu": "bu1", "update": b64(Replica().set(jobdesc="x"))},
+                ]
+            },
+        )
+        assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+        assert (await resp.json())["error"]["code"] == "storage_unavailable"
     # neither item was kept, in storage or in memory
     record = await (
         await dev.client.get(f"/api/v1/records/activity/{kept}", headers=dev.headers())

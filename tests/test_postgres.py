@@ -16,8 +16,6 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped]
 import pytest
 
-from server.app import create_app
-from server.config import Config
 from storage import open_store
 from storage.base import RecordConflict, StorageError, StorageUnavailable
 from storage.postgres import PostgresStore
@@ -31,7 +29,6 @@ from storage.types import (
     Seq,
     WriteBatch,
 )
-from tests.helpers import GENEROUS, SECRET, Api, Replica, b64, token
 from tests.pg_cluster import PostgresCluster
 
 KEY = RecordKey("t1", "activity", "rec-1")
@@ -253,51 +250,6 @@ async def test_two_nodes_writing_the_same_records_conflict_but_never_deadlock(
         assert (row.version if row else 0) == written[k]
         assert len(await nodes[0].record_log(k)) == written[k]
     assert sum(written.values()) > 0
-
-
-# -- a failed transaction through the API (the SQLite trigger test's twin) -------------
-
-
-async def test_a_failed_commit_answers_503_and_changes_nothing(
-    aiohttp_client: Any, postgres_server_database: str
-) -> None:
-    dsn = postgres_server_database
-    client = await aiohttp_client(create_app(Config(db=dsn, jwt_secret=SECRET, rates=GENEROUS)))
-    dev = Api(client, token())
-    kept, doomed = str(uuid.uuid4()), str(uuid.uuid4())
-    rep = Replica()
-    await dev.push(
-        "activity", [{"record_id": kept, "bu": "bu1", "update": rep.set(jobdesc="before")}]
-    )
-    await _sql(
-        dsn,
-        "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$"
-        f" BEGIN IF NEW.record_id = '{doomed}' THEN RAISE EXCEPTION 'disk on fire'; END IF;"
-        " RETURN NEW; END $$;"
-        " CREATE TRIGGER boom BEFORE INSERT ON log FOR EACH ROW EXECUTE FUNCTION boom()",
-    )
-    lost = rep.set(remarks="never acknowledged")
-    resp = await client.post(
-        "/api/v1/sync/activity/sync",
-        headers=dev.headers(),
-        json={
-            "items": [
-                {"record_id": kept, "update": b64(lost)},
-                {"record_id": doomed, "bu": "bu1", "update": b64(Replica().set(jobdesc="x"))},
-            ]
-        },
-    )
-    assert resp.status == 503 and resp.headers["Retry-After"] == "1"
-    assert (await resp.json())["error"]["code"] == "storage_unavailable"
-    await _sql(dsn, "DROP TRIGGER boom ON log")
-    record = await (
-        await client.get(f"/api/v1/records/activity/{kept}", headers=dev.headers())
-    ).json()
-    assert record["fields"] == {"jobdesc": "before"} and record["version"] == 1
-    missing = await client.get(f"/api/v1/records/activity/{doomed}", headers=dev.headers())
-    assert missing.status == 404
-    retry = await dev.push("activity", [{"record_id": kept, "update": lost}])
-    assert retry[0]["status"] == "merged" and retry[0]["version"] == 2
 
 
 # -- the database goes away and comes back ----------------------------------------
