@@ -21,7 +21,11 @@ nothing to free, and cost every tenant's requests 60-400 ms at a time. So:
    `min_deep_objects`, or the process's RSS has doubled and reached `min_deep_rss`, one
    deep collection (unfreeze, collect everything, freeze again) reclaims them: a pause as
    long as an untuned full collection, at most once per doubling. Such cycles came to
-   under a thousand objects over a whole noisy-neighbour bench run.
+   under a thousand objects over a whole noisy-neighbour bench run. RSS is read every
+   `check_every_s`; frozen objects are counted only every `count_every_s`, because
+   counting walks them all and holds the loop meanwhile (13 ms per million objects, and
+   20-50 ms stalls every 10 s in the noisy-neighbour bench when they were counted as
+   often as RSS is read).
 
 The generation thresholds stay Python's: a larger generation-0 threshold lets more
 objects survive into each generation-1 collection (52 ms ones at 10000, measured).
@@ -52,7 +56,8 @@ class GcSettings:
     growth: float = 2.0  # a deep collection when frozen objects or RSS grew this much...
     min_deep_objects: int = 1_000_000  # ... and there are at least this many frozen objects
     min_deep_rss: int = 1 << 30  # ... or at least this many bytes resident
-    check_every_s: float = 10.0  # counting frozen objects walks them all (ms per 100k)
+    check_every_s: float = 10.0  # how often RSS is read (after a generation-1 collection)
+    count_every_s: float = 300.0  # how often frozen objects are counted (walks them all)
 
 
 class GcTuning:
@@ -67,6 +72,7 @@ class GcTuning:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._deep_scheduled = False
         self._checked_at = 0.0
+        self._counted_at = 0.0
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
         """Freeze what is alive now and keep freezing what survives collections."""
@@ -102,7 +108,10 @@ class GcTuning:
         if self._deep_scheduled or now - self._checked_at < self.settings.check_every_s:
             return
         self._checked_at = now
-        if self.deep_due():
+        count = now - self._counted_at >= self.settings.count_every_s
+        if count:
+            self._counted_at = now
+        if self.deep_due(count_frozen=count):
             loop = self._loop
             if loop is not None and not loop.is_closed():
                 self._deep_scheduled = True
@@ -112,8 +121,8 @@ class GcTuning:
         """Frozen objects past which a deep collection is due."""
         return max(int(self.deep_frozen * self.settings.growth), self.settings.min_deep_objects)
 
-    def deep_due(self) -> bool:
-        if gc.get_freeze_count() > self.deep_limit():
+    def deep_due(self, count_frozen: bool = True) -> bool:
+        if count_frozen and gc.get_freeze_count() > self.deep_limit():
             return True
         rss_limit = max(int(self.deep_rss * self.settings.growth), self.settings.min_deep_rss)
         return rss_bytes() > rss_limit

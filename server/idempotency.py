@@ -7,7 +7,6 @@ Concurrent requests with one key run one at a time.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +19,7 @@ from storage import Store
 from storage.types import IdempotencyWrite
 
 from .errors import ApiError, ErrorCode
+from .keyed_locks import KeyedLocks
 
 MAX_KEY_LEN = 255
 
@@ -37,7 +37,7 @@ class Idempotency:
     def __init__(self, store: Store, ttl_s: float) -> None:
         self._store = store
         self._ttl = ttl_s
-        self._locks: dict[tuple[str, str, str], tuple[asyncio.Lock, list[int]]] = {}
+        self._locks: KeyedLocks[tuple[str, str, str]] = KeyedLocks()
 
     @asynccontextmanager
     async def exclusive(self, tenant: str, user: str, key: str) -> AsyncIterator[None]:
@@ -47,16 +47,8 @@ class Idempotency:
                 ErrorCode.BAD_REQUEST,
                 f"Idempotency-Key must be 1-{MAX_KEY_LEN} printable characters",
             )
-        slot = (tenant, user, key)
-        lock, users = self._locks.setdefault(slot, (asyncio.Lock(), [0]))
-        users[0] += 1
-        try:
-            async with lock:
-                yield
-        finally:
-            users[0] -= 1
-            if users[0] == 0:
-                del self._locks[slot]
+        async with self._locks.exclusive((tenant, user, key)):
+            yield
 
     async def replay(self, tenant: str, user: str, key: str, digest: str) -> Any | None:
         """The stored answer for this key and body, None if the key is unused."""

@@ -2,9 +2,12 @@
 
 decode -> authorize -> load -> apply -> constrain -> persist -> answer -> fan out.
 
-`Pipeline.push` is the one path every device update takes (HTTP batch push today,
-the device socket and the Yjs socket later). The merge itself is pure CPU with no
-`await` inside, so concurrent requests interleave only between whole merges.
+`Pipeline.push` is the one path every device update takes (HTTP batch push, the device
+socket and the Yjs socket). A request merges under its records' locks, in time slices
+(`server.slices`): requests on other records run between the slices, so one tenant's
+large push does not hold every other tenant's requests behind it. Its batch is handed to
+the store in the same step that unlocks the records, so a record's merges commit in the
+order they were made.
 """
 
 from __future__ import annotations
@@ -43,10 +46,12 @@ from storage.types import (
 
 from .errors import ApiError, ErrorCode, ItemError
 from .gate import DocFailed, UpdateGate, diff
+from .keyed_locks import KeyedLocks
 from .live import LiveRecord, LiveRecords, digest
 from .merge_types import Actor, ItemResult, PushItem
 from .ownership import ClientOwners
 from .ratelimit import Buckets, Rate, RateSettings
+from .slices import SLICE_S, Slices
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +101,7 @@ class Pipeline:
         compact_after: int = 64,
         record_rate: Rate = DEFAULT_RATES.record,
         rule_settings: RuleSettings = DEFAULT_RULE_SETTINGS,
+        slice_s: float = SLICE_S,
     ) -> None:
         self.store = store
         self.live = live
@@ -107,6 +113,8 @@ class Pipeline:
         self.compaction_due: set[RecordKey] = set()
         self.record_writes = Buckets("record", record_rate)
         self.rule_settings = rule_settings
+        self.slice_s = slice_s
+        self.record_locks: KeyedLocks[RecordKey] = KeyedLocks()
         self.merge_retries = 0
         self.peer_entries = 0
 
@@ -119,14 +127,21 @@ class Pipeline:
     ) -> list[ItemResult]:
         model = get_model(domain)
         tenant = actor.principal.tenant
-        checked = [self._check(tenant, domain, item) for item in items]
+        slices = Slices(self.slice_s)
+        checked = []
+        for item in items:
+            await slices.pause()
+            checked.append(self._check(tenant, domain, item))
         quarantine = [c for c in checked if c.error and c.error.code == ErrorCode.MALFORMED_UPDATE]
         keys = [c.key for c in checked if c.error is None]
 
         async def attempt(recs: dict[RecordKey, LiveRecord]) -> list[ItemResult]:
             await self.owners.preload(tenant, _clients(checked))
-            _not_discarded(recs)
-            merge = self._merge_all(actor, model, checked, recs)
+
+            async def merge_all(merge: _Merge) -> None:
+                await self._merge_all(actor, model, checked, recs, merge, slices)
+
+            merge = await self._locked_merge(recs, merge_all)
             merge.batch.quarantine += [self._quarantined(actor, c) for c in quarantine]
             if remember is not None:
                 merge.batch.idempotency = remember(merge.results)
@@ -134,6 +149,27 @@ class Pipeline:
             return merge.results
 
         return await self._attempts(keys, attempt)
+
+    async def _locked_merge(
+        self, recs: dict[RecordKey, LiveRecord], merge_into: Callable[[_Merge], Awaitable[None]]
+    ) -> _Merge:
+        """Run `merge_into` holding the records' locks; a merge that fails half-way is undone.
+
+        The caller must hand the batch to the store with no `await` in between: the next
+        merge of these records may start once they are unlocked, and must commit after
+        this one (the store keeps the order batches were handed to it).
+        """
+        merge = _Merge()
+        held = await self.record_locks.acquire_all(recs)
+        try:
+            _not_discarded(recs)
+            await merge_into(merge)
+        except BaseException:
+            self._discard(list(merge.touched.values()), merge.claims, merge.charged)
+            raise
+        finally:
+            self.record_locks.release_all(held)
+        return merge
 
     async def _attempts(self, keys: list[RecordKey], attempt: Attempt[T]) -> T:
         """Run `attempt` on the pinned records; again on fresh ones if another node moved them."""
@@ -174,16 +210,19 @@ class Pipeline:
         model = get_model(key.domain)
 
         async def attempt(recs: dict[RecordKey, LiveRecord]) -> ItemResult:
-            _not_discarded(recs)
             rec = recs.get(key)
             if rec is None:
                 raise ApiError(ErrorCode.STORAGE_UNAVAILABLE, "the record cannot be loaded")
             if not _visible(rec, actor):
                 raise ApiError(ErrorCode.NOT_FOUND, "no such record")
-            merge = _Merge()
-            result = self._edit_one(actor, model, rec, values, merge)
+            results: list[ItemResult] = []
+
+            async def edit_one(merge: _Merge) -> None:
+                results.append(self._edit_one(actor, model, rec, values, merge))
+
+            merge = await self._locked_merge(recs, edit_one)
             await self._commit(merge)
-            return result
+            return results[0]
 
         return await self._attempts([key], attempt)
 
@@ -244,18 +283,21 @@ class Pipeline:
             checked.error = exc
         return checked
 
-    # -- merge (no await in here) -----------------------------------------
+    # -- merge (an item's merge has no await; the loop is handed back between items) --
 
-    def _merge_all(
+    async def _merge_all(
         self,
         actor: Actor,
         model: DomainModel,
         checked: list[_Checked],
         recs: dict[RecordKey, LiveRecord],
-    ) -> _Merge:
-        merge = _Merge()
+        merge: _Merge,
+        slices: Slices,
+    ) -> None:
         now = datetime.now(UTC)
         for c in checked:
+            if await slices.pause():
+                _not_discarded(recs)
             rec = recs.get(c.key)
             try:
                 if c.error:
@@ -267,7 +309,6 @@ class Pipeline:
                 version = rec.version if rec is not None and _visible(rec, actor) else 0
                 result = ItemResult(c.item.record_id, "error", version, error=exc)
             merge.results.append(result)
-        return merge
 
     def _merge_one(
         self,
@@ -548,8 +589,9 @@ class Pipeline:
 
 
 def _not_discarded(recs: dict[RecordKey, LiveRecord]) -> None:
-    """Before merging: a record discarded while we waited (another request's commit lost a
-    race, or another node's entries did not follow it) is merged again once reloaded."""
+    """Before merging and after each pause: a record discarded while we waited (another
+    request's commit lost a race, or another node's entries did not follow it) is merged
+    again once reloaded."""
     if any(rec.poisoned for rec in recs.values()):
         raise RecordConflict("a record was reloaded while this request waited")
 

@@ -10,6 +10,7 @@ frozen cycles.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import uuid
 from collections.abc import AsyncIterator
@@ -47,7 +48,11 @@ async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
 @pytest.fixture
 async def policy() -> AsyncIterator[GcTuning]:
     settings = GcSettings(
-        growth=1.2, min_deep_objects=20_000, min_deep_rss=1 << 50, check_every_s=0
+        growth=1.2,
+        min_deep_objects=20_000,
+        min_deep_rss=1 << 50,
+        check_every_s=0,
+        count_every_s=0,
     )
     tuning = GcTuning(settings)
     tuning.install(asyncio.get_running_loop())
@@ -219,3 +224,20 @@ async def test_a_deep_collection_is_due_when_rss_doubled(policy: GcTuning) -> No
     assert rss_bytes() > 0 and not policy.deep_due()  # below min_deep_rss
     policy.settings = GcSettings(growth=1.2, min_deep_objects=20_000, min_deep_rss=0)
     assert policy.deep_due()
+
+
+async def test_frozen_objects_are_counted_only_every_count_interval(policy: GcTuning) -> None:
+    """Counting frozen objects walks them all while the loop waits: not at every check."""
+    policy.settings = dataclasses.replace(policy.settings, count_every_s=3600)
+    policy.deep_frozen = 0  # as if the frozen generation had grown past any limit
+    policy.settings = dataclasses.replace(policy.settings, min_deep_objects=1)
+    gc.collect()  # counts once: the first check
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert policy.deep_collections == 1
+    policy.deep_frozen = 0
+    gc.collect()  # checks RSS only: within the hour, no count
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert policy.deep_collections == 1
+    assert policy.deep_due()  # a count would have found it due
