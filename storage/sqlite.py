@@ -1,13 +1,16 @@
 """The embedded default Store: one SQLite file in WAL mode with synchronous=FULL.
 
 All writes go through one connection driven by the group committer (BEGIN IMMEDIATE
-... COMMIT per group); reads run on a separate connection beside it.
+... COMMIT per group), on a thread of its own where a whole group is one call
+(`sqlite_thread`); reads run on a separate aiosqlite connection beside it, one call per
+statement.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import sqlite3
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -19,6 +22,7 @@ import aiosqlite
 from .base import RecordConflict, StorageError, StorageUnavailable, Store
 from .group_commit import GroupCommitted, GroupCommitter, GroupPolicy, number_entries
 from .sqlite_schema import MIGRATIONS, SCHEMA_VERSION
+from .sqlite_thread import ConnectionThread
 from .types import (
     IdempotencyRow,
     LogEntry,
@@ -34,6 +38,7 @@ from .types import (
 from .versions import stale_records, versioned_writes
 
 QUARANTINE_KEEP = 10_000
+_PRAGMAS = ("PRAGMA busy_timeout = 10000", "PRAGMA journal_mode = WAL", "PRAGMA synchronous = FULL")
 _LOG_COLUMNS = (
     "node_id, seq, tenant, domain, record_id, bu, update_bytes, version,"
     " origin, actor, device, decisions, received_at"
@@ -52,7 +57,7 @@ class SQLiteStore(GroupCommitted, Store):
     def __init__(self, path: str | Path, policy: GroupPolicy | None = None) -> None:
         self.path = Path(path)
         self._policy = policy or GroupPolicy()
-        self._writer: aiosqlite.Connection | None = None
+        self._writer = ConnectionThread("fieldsync-sqlite-writer")
         self._reader: aiosqlite.Connection | None = None
         self._committer: GroupCommitter | None = None
         self._node: NodeId | None = None
@@ -62,11 +67,12 @@ class SQLiteStore(GroupCommitted, Store):
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = await self._connect()
-        await self._check_durability(self._writer)
-        await self._migrate(self._writer)
-        self._reader = await self._connect()
-        await self._reader.execute("PRAGMA query_only = ON")
+        await self._writer.open(self._connect_writer)
+        await self._writer.run(_check_durability)
+        await self._writer.run(_migrate)
+        self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+        for pragma in (*_PRAGMAS, "PRAGMA query_only = ON"):
+            await self._reader.execute(pragma)
         self._committer = GroupCommitter(
             self._write_group,
             self._policy,
@@ -78,69 +84,24 @@ class SQLiteStore(GroupCommitted, Store):
         if self._committer is not None:
             await self._committer.close()
             self._committer = None
-        for conn in (self._reader, self._writer):
-            if conn is not None:
-                await conn.close()
-        self._reader = self._writer = None
+        if self._reader is not None:
+            await self._reader.close()
+            self._reader = None
+        await self._writer.close()
 
-    async def _connect(self) -> aiosqlite.Connection:
-        conn = await aiosqlite.connect(self.path, isolation_level=None)
-        await conn.execute("PRAGMA busy_timeout = 10000")
-        await conn.execute("PRAGMA journal_mode = WAL")
-        await conn.execute("PRAGMA synchronous = FULL")
+    def _connect_writer(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        for pragma in _PRAGMAS:
+            conn.execute(pragma)
         return conn
-
-    @staticmethod
-    async def _check_durability(conn: aiosqlite.Connection) -> None:
-        mode = await _scalar(conn, "PRAGMA journal_mode")
-        sync = await _scalar(conn, "PRAGMA synchronous")
-        if str(mode).lower() != "wal" or sync != 2:
-            raise StorageError(
-                f"SQLite refused durable settings (journal_mode={mode}, synchronous={sync});"
-                " fieldsync needs WAL with synchronous=FULL"
-            )
-
-    @staticmethod
-    async def _migrate(conn: aiosqlite.Connection) -> None:
-        current = int(await _scalar(conn, "PRAGMA user_version"))
-        if current > SCHEMA_VERSION:
-            raise StorageError(
-                f"database schema {current} is newer than this fieldsync ({SCHEMA_VERSION})"
-            )
-        for version in range(current, SCHEMA_VERSION):
-            await conn.execute("BEGIN IMMEDIATE")
-            for statement in _statements(MIGRATIONS[version]):
-                await conn.execute(statement)
-            await conn.execute(f"PRAGMA user_version = {version + 1}")
-            await conn.execute("COMMIT")
 
     # -- nodes -------------------------------------------------------------
 
     async def register_node(self, node_id: NodeId | None, client_id: int) -> NodeInfo:
-        conn = self._conn(self._writer)
-        if node_id is None:
-            stored = await _scalar(conn, "SELECT value FROM meta WHERE name = 'local_node'")
-            node_id = NodeId(str(stored) if stored is not None else f"n-{uuid.uuid4().hex[:12]}")
-        await conn.execute("BEGIN IMMEDIATE")
-        try:
-            await conn.execute(
-                "INSERT OR IGNORE INTO nodes (node_id, client_id, created_at) VALUES (?, ?, ?)",
-                (node_id, client_id, time.time()),
-            )
-            await conn.execute(
-                "INSERT OR REPLACE INTO meta (name, value) VALUES ('local_node', ?)", (node_id,)
-            )
-            await conn.execute("COMMIT")
-        except BaseException:
-            await conn.execute("ROLLBACK")
-            raise
-        stored_client = await _scalar(
-            conn, "SELECT client_id FROM nodes WHERE node_id = ?", (node_id,)
-        )
-        max_seq = await _scalar(conn, "SELECT MAX(seq) FROM log WHERE node_id = ?", (node_id,))
-        self._node = node_id
-        self._next_seq = int(max_seq or 0) + 1
-        return NodeInfo(node_id, int(stored_client))
+        node, stored_client, max_seq = await self._writer.run(_register_node, node_id, client_id)
+        self._node = node
+        self._next_seq = max_seq + 1
+        return NodeInfo(node, stored_client)
 
     async def server_client_ids(self) -> frozenset[int]:
         rows = await self._read("SELECT client_id FROM nodes")
@@ -149,146 +110,16 @@ class SQLiteStore(GroupCommitted, Store):
     # -- writes ------------------------------------------------------------
 
     async def _write_group(self, batches: Sequence[WriteBatch]) -> list[list[Position]]:
-        conn = self._conn(self._writer)
         now = time.time()
         first_seq = self._next_seq
         positions, log_rows = number_entries(batches, self._node, first_seq, now)
         self._next_seq += len(log_rows)
-        await conn.execute("BEGIN IMMEDIATE")
         try:
-            await self._write_rows(conn, batches, log_rows, now)
-            await conn.execute("COMMIT")
+            await self._writer.run(_write_transaction, batches, log_rows, now)
         except BaseException:
             self._next_seq = first_seq
-            await _rollback(conn)
             raise
         return positions
-
-    async def _write_rows(
-        self,
-        conn: aiosqlite.Connection,
-        batches: Sequence[WriteBatch],
-        log_rows: list[tuple[Any, ...]],
-        now: float,
-    ) -> None:
-        if log_rows:
-            await conn.executemany(
-                f"INSERT INTO log ({_LOG_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", log_rows
-            )
-        await self._write_records(conn, batches, now)
-        await self._write_claims(conn, batches, now)
-        idem = [
-            (i.tenant, i.user, i.key, i.request_hash, i.response, i.expires_at)
-            for b in batches
-            if (i := b.idempotency) is not None
-        ]
-        if idem:
-            await conn.executemany(
-                "INSERT OR REPLACE INTO idempotency"
-                " (tenant, user_id, key, request_hash, response, expires_at)"
-                " VALUES (?,?,?,?,?,?)",
-                idem,
-            )
-        for expiry in {b.expire_before for b in batches if b.expire_before is not None}:
-            await conn.execute("DELETE FROM idempotency WHERE expires_at <= ?", (expiry,))
-        await self._write_folds(conn, batches)
-        await self._write_quarantine(conn, batches, now)
-
-    @staticmethod
-    async def _write_records(
-        conn: aiosqlite.Connection, batches: Sequence[WriteBatch], now: float
-    ) -> None:
-        writes = versioned_writes(batches)
-        new = [
-            (*w.key, w.bu, w.state_vector, w.materialized, w.version, now, now)
-            for w, base in writes
-            if base == 0
-        ]
-        moved = [
-            (w.state_vector, w.materialized, w.version, now, *w.key, base)
-            for w, base in writes
-            if base > 0
-        ]
-        written = 0
-        if new:
-            written += (await conn.executemany(_INSERT_RECORD, new)).rowcount
-        if moved:
-            written += (await conn.executemany(_UPDATE_RECORD, moved)).rowcount
-        if written != len(writes):
-            keys = ", ".join(str(tuple(w.key)) for w, _ in writes[:5])
-            raise RecordConflict(f"a record moved on since it was merged (one of {keys})")
-
-    @staticmethod
-    async def _write_claims(
-        conn: aiosqlite.Connection, batches: Sequence[WriteBatch], now: float
-    ) -> None:
-        claims = sorted({(c.tenant, c.client_id, c.device) for b in batches for c in b.claims})
-        if not claims:
-            return
-        await conn.executemany(
-            "INSERT OR IGNORE INTO client_ids (tenant, client_id, device, claimed_at)"
-            " VALUES (?,?,?,?)",
-            [(*c, now) for c in claims],
-        )
-        marks = ",".join(["(?,?,?)"] * len(claims))
-        held = await _scalar(
-            conn,
-            "SELECT COUNT(*) FROM client_ids"
-            f" WHERE (tenant, client_id, device) IN (VALUES {marks})",
-            tuple(x for c in claims for x in c),
-        )
-        if held != len(claims):
-            raise RecordConflict("another device claimed one of these Yjs client ids first")
-
-    @staticmethod
-    async def _write_folds(conn: aiosqlite.Connection, batches: Sequence[WriteBatch]) -> None:
-        for fold in (f for b in batches for f in b.folds):
-            through = [(p.node_id, p.seq) for p in fold.through]
-            marks = ",".join(["(?,?)"] * len(through))
-            unfolded = await _scalar(
-                conn,
-                f"SELECT COUNT(*) FROM log WHERE folded = 0 AND (node_id, seq) IN (VALUES {marks})",
-                tuple(x for pos in through for x in pos),
-            )
-            if unfolded != len(through):
-                continue  # another compaction folded some of them into a newer snapshot
-            await conn.execute(
-                "UPDATE records SET snapshot = ? WHERE tenant = ? AND domain = ? AND record_id = ?",
-                (fold.snapshot, *fold.key),
-            )
-            await conn.executemany(
-                "UPDATE log SET folded = 1 WHERE node_id = ? AND seq = ?", through
-            )
-
-    @staticmethod
-    async def _write_quarantine(
-        conn: aiosqlite.Connection, batches: Sequence[WriteBatch], now: float
-    ) -> None:
-        items = [q for b in batches for q in b.quarantine]
-        if not items:
-            return
-        await conn.executemany(
-            "INSERT INTO quarantine"
-            " (tenant, domain, record_id, actor, device, reason, update_bytes, received_at)"
-            " VALUES (?,?,?,?,?,?,?,?)",
-            [
-                (
-                    q.key.tenant,
-                    q.key.domain,
-                    q.key.record_id,
-                    q.actor,
-                    q.device,
-                    q.reason,
-                    q.update,
-                    now,
-                )
-                for q in items
-            ],
-        )
-        await conn.execute(
-            "DELETE FROM quarantine WHERE id <= (SELECT MAX(id) FROM quarantine) - ?",
-            (QUARANTINE_KEEP,),
-        )
 
     # -- reads -------------------------------------------------------------
 
@@ -444,8 +275,7 @@ class SQLiteStore(GroupCommitted, Store):
     async def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         conn = self._conn(self._reader)
         try:
-            async with conn.execute(sql, args) as cur:
-                return list(await cur.fetchall())
+            return list(await conn.execute_fetchall(sql, args))  # one hop to its thread
         except aiosqlite.OperationalError as exc:
             raise StorageUnavailable(f"read failed: {exc}") from exc
 
@@ -484,16 +314,15 @@ def _bu_filter(bus: frozenset[str] | None) -> tuple[str, tuple[str, ...]]:
     return f" AND bu IN ({','.join('?' * len(ordered))})", ordered
 
 
-async def _scalar(conn: aiosqlite.Connection, sql: str, args: tuple[Any, ...] = ()) -> Any:
-    async with conn.execute(sql, args) as cur:
-        row = await cur.fetchone()
+def _scalar(conn: sqlite3.Connection, sql: str, args: tuple[Any, ...] = ()) -> Any:
+    row = conn.execute(sql, args).fetchone()
     return row[0] if row else None
 
 
-async def _rollback(conn: aiosqlite.Connection) -> None:
+def _rollback(conn: sqlite3.Connection) -> None:
     try:
-        await conn.execute("ROLLBACK")
-    except aiosqlite.Error:
+        conn.execute("ROLLBACK")
+    except sqlite3.Error:
         pass
 
 
@@ -523,3 +352,188 @@ def _record_row(r: Any) -> RecordRow:
         created_at=float(r[8]),
         updated_at=float(r[9]),
     )
+
+
+# -- the writer's thread ------------------------------------------------
+
+
+def _write_transaction(
+    conn: sqlite3.Connection,
+    batches: Sequence[WriteBatch],
+    log_rows: list[tuple[Any, ...]],
+    now: float,
+) -> None:
+    """One group, on the writer's thread: all of it is committed, or none of it."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        _write_rows(conn, batches, log_rows, now)
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
+
+
+def _write_rows(
+    conn: sqlite3.Connection,
+    batches: Sequence[WriteBatch],
+    log_rows: list[tuple[Any, ...]],
+    now: float,
+) -> None:
+    if log_rows:
+        conn.executemany(
+            f"INSERT INTO log ({_LOG_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", log_rows
+        )
+    _write_records(conn, batches, now)
+    _write_claims(conn, batches, now)
+    idem = [
+        (i.tenant, i.user, i.key, i.request_hash, i.response, i.expires_at)
+        for b in batches
+        if (i := b.idempotency) is not None
+    ]
+    if idem:
+        conn.executemany(
+            "INSERT OR REPLACE INTO idempotency"
+            " (tenant, user_id, key, request_hash, response, expires_at)"
+            " VALUES (?,?,?,?,?,?)",
+            idem,
+        )
+    for expiry in {b.expire_before for b in batches if b.expire_before is not None}:
+        conn.execute("DELETE FROM idempotency WHERE expires_at <= ?", (expiry,))
+    _write_folds(conn, batches)
+    _write_quarantine(conn, batches, now)
+
+
+def _write_records(conn: sqlite3.Connection, batches: Sequence[WriteBatch], now: float) -> None:
+    writes = versioned_writes(batches)
+    new = [
+        (*w.key, w.bu, w.state_vector, w.materialized, w.version, now, now)
+        for w, base in writes
+        if base == 0
+    ]
+    moved = [
+        (w.state_vector, w.materialized, w.version, now, *w.key, base)
+        for w, base in writes
+        if base > 0
+    ]
+    written = 0
+    if new:
+        written += (conn.executemany(_INSERT_RECORD, new)).rowcount
+    if moved:
+        written += (conn.executemany(_UPDATE_RECORD, moved)).rowcount
+    if written != len(writes):
+        keys = ", ".join(str(tuple(w.key)) for w, _ in writes[:5])
+        raise RecordConflict(f"a record moved on since it was merged (one of {keys})")
+
+
+def _write_claims(conn: sqlite3.Connection, batches: Sequence[WriteBatch], now: float) -> None:
+    claims = sorted({(c.tenant, c.client_id, c.device) for b in batches for c in b.claims})
+    if not claims:
+        return
+    conn.executemany(
+        "INSERT OR IGNORE INTO client_ids (tenant, client_id, device, claimed_at) VALUES (?,?,?,?)",
+        [(*c, now) for c in claims],
+    )
+    marks = ",".join(["(?,?,?)"] * len(claims))
+    held = _scalar(
+        conn,
+        f"SELECT COUNT(*) FROM client_ids WHERE (tenant, client_id, device) IN (VALUES {marks})",
+        tuple(x for c in claims for x in c),
+    )
+    if held != len(claims):
+        raise RecordConflict("another device claimed one of these Yjs client ids first")
+
+
+def _write_folds(conn: sqlite3.Connection, batches: Sequence[WriteBatch]) -> None:
+    for fold in (f for b in batches for f in b.folds):
+        through = [(p.node_id, p.seq) for p in fold.through]
+        marks = ",".join(["(?,?)"] * len(through))
+        unfolded = _scalar(
+            conn,
+            f"SELECT COUNT(*) FROM log WHERE folded = 0 AND (node_id, seq) IN (VALUES {marks})",
+            tuple(x for pos in through for x in pos),
+        )
+        if unfolded != len(through):
+            continue  # another compaction folded some of them into a newer snapshot
+        conn.execute(
+            "UPDATE records SET snapshot = ? WHERE tenant = ? AND domain = ? AND record_id = ?",
+            (fold.snapshot, *fold.key),
+        )
+        conn.executemany("UPDATE log SET folded = 1 WHERE node_id = ? AND seq = ?", through)
+
+
+def _write_quarantine(conn: sqlite3.Connection, batches: Sequence[WriteBatch], now: float) -> None:
+    items = [q for b in batches for q in b.quarantine]
+    if not items:
+        return
+    conn.executemany(
+        "INSERT INTO quarantine"
+        " (tenant, domain, record_id, actor, device, reason, update_bytes, received_at)"
+        " VALUES (?,?,?,?,?,?,?,?)",
+        [
+            (
+                q.key.tenant,
+                q.key.domain,
+                q.key.record_id,
+                q.actor,
+                q.device,
+                q.reason,
+                q.update,
+                now,
+            )
+            for q in items
+        ],
+    )
+    conn.execute(
+        "DELETE FROM quarantine WHERE id <= (SELECT MAX(id) FROM quarantine) - ?",
+        (QUARANTINE_KEEP,),
+    )
+
+
+def _check_durability(conn: sqlite3.Connection) -> None:
+    mode = _scalar(conn, "PRAGMA journal_mode")
+    sync = _scalar(conn, "PRAGMA synchronous")
+    if str(mode).lower() != "wal" or sync != 2:
+        raise StorageError(
+            f"SQLite refused durable settings (journal_mode={mode}, synchronous={sync});"
+            " fieldsync needs WAL with synchronous=FULL"
+        )
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    current = int(_scalar(conn, "PRAGMA user_version"))
+    if current > SCHEMA_VERSION:
+        raise StorageError(
+            f"database schema {current} is newer than this fieldsync ({SCHEMA_VERSION})"
+        )
+    for version in range(current, SCHEMA_VERSION):
+        conn.execute("BEGIN IMMEDIATE")
+        for statement in _statements(MIGRATIONS[version]):
+            conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {version + 1}")
+        conn.execute("COMMIT")
+
+
+def _register_node(
+    conn: sqlite3.Connection, node_id: NodeId | None, client_id: int
+) -> tuple[NodeId, int, int]:
+    """This database's node (the one it has, else `node_id` or a new one): its id, its
+    client id and the last seq it appended."""
+    if node_id is None:
+        stored = _scalar(conn, "SELECT value FROM meta WHERE name = 'local_node'")
+        node_id = NodeId(str(stored) if stored is not None else f"n-{uuid.uuid4().hex[:12]}")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(
+            "INSERT OR IGNORE INTO nodes (node_id, client_id, created_at) VALUES (?, ?, ?)",
+            (node_id, client_id, time.time()),
+        )
+        conn.execute(
+            "INSERT OR REPLACE INTO meta (name, value) VALUES ('local_node', ?)", (node_id,)
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
+    stored_client = _scalar(conn, "SELECT client_id FROM nodes WHERE node_id = ?", (node_id,))
+    max_seq = _scalar(conn, "SELECT MAX(seq) FROM log WHERE node_id = ?", (node_id,))
+    return node_id, int(stored_client), int(max_seq or 0)
