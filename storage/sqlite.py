@@ -319,6 +319,21 @@ def _scalar(conn: sqlite3.Connection, sql: str, args: tuple[Any, ...] = ()) -> A
     return row[0] if row else None
 
 
+def _count_listed(
+    conn: sqlite3.Connection, where: str, columns: str, rows: Sequence[tuple[Any, ...]]
+) -> int:
+    """How many rows of `where ...` have their `columns` equal to one of `rows`."""
+    one = "(" + ",".join("?" * len(rows[0])) + ")"
+    marks = ",".join([one] * len(rows))
+    return int(
+        _scalar(
+            conn,
+            f"SELECT COUNT(*) FROM {where} ({columns}) IN (VALUES {marks})",
+            tuple(x for row in rows for x in row),
+        )
+    )
+
+
 def _rollback(conn: sqlite3.Connection) -> None:
     try:
         conn.execute("ROLLBACK")
@@ -433,12 +448,7 @@ def _write_claims(conn: sqlite3.Connection, batches: Sequence[WriteBatch], now: 
         "INSERT OR IGNORE INTO client_ids (tenant, client_id, device, claimed_at) VALUES (?,?,?,?)",
         [(*c, now) for c in claims],
     )
-    marks = ",".join(["(?,?,?)"] * len(claims))
-    held = _scalar(
-        conn,
-        f"SELECT COUNT(*) FROM client_ids WHERE (tenant, client_id, device) IN (VALUES {marks})",
-        tuple(x for c in claims for x in c),
-    )
+    held = _count_listed(conn, "client_ids WHERE", "tenant, client_id, device", claims)
     if held != len(claims):
         raise RecordConflict("another device claimed one of these Yjs client ids first")
 
@@ -446,12 +456,7 @@ def _write_claims(conn: sqlite3.Connection, batches: Sequence[WriteBatch], now: 
 def _write_folds(conn: sqlite3.Connection, batches: Sequence[WriteBatch]) -> None:
     for fold in (f for b in batches for f in b.folds):
         through = [(p.node_id, p.seq) for p in fold.through]
-        marks = ",".join(["(?,?)"] * len(through))
-        unfolded = _scalar(
-            conn,
-            f"SELECT COUNT(*) FROM log WHERE folded = 0 AND (node_id, seq) IN (VALUES {marks})",
-            tuple(x for pos in through for x in pos),
-        )
+        unfolded = _count_listed(conn, "log WHERE folded = 0 AND", "node_id, seq", through)
         if unfolded != len(through):
             continue  # another compaction folded some of them into a newer snapshot
         conn.execute(
