@@ -1308,3 +1308,10 @@ def jsonable_settings(settings: dict[str, Any]) -> dict[str, Any]:
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, default=str))
+
+
+def finish(out: Path, payload: dict[str, Any], failed: bool, total_s: float) -> int:
+    """The run's last line and its JSON; the process's exit status."""
+    print(f"\n{'FAILED' if failed else 'ok'} — total run {total_s:.0f} s; results in {out}")
+    write_json(out, payload)
+    return 1 if failed else 0

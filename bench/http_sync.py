@@ -106,6 +106,7 @@ from common import (
     check_backend_options,
     classify,
     code_version,
+    finish,
     loadavg,
     machine_info,
     mint,
@@ -122,7 +123,6 @@ from common import (
     table_head,
     table_row,
     task_edit,
-    write_json,
 )
 from pycrdt import Doc, Map
 
@@ -1288,10 +1288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         payload |= payloads[0]
     failed = any(r.failed for r in runs)
-    total = time.perf_counter() - started
-    print(f"\n{'FAILED' if failed else 'ok'} — total run {total:.0f} s; results in {args.out}")
-    write_json(args.out, payload)
-    return 1 if failed else 0
+    return finish(args.out, payload, failed, time.perf_counter() - started)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,7 @@ from common import (
     Server,
     classify,
     code_version,
+    finish,
     jsonable_settings,
     loadavg,
     machine_busy_seconds,
@@ -103,7 +104,6 @@ from common import (
     print_table,
     running_server,
     summarize_profile,
-    write_json,
 )
 from http_sync import content_headers, device_updates, logged_rows_by_tenant, push_bodies
 
@@ -1451,8 +1451,7 @@ def report(args: argparse.Namespace, run: Run, run_s: float) -> None:
     for problem in run.checks.problems:
         print(f"!!!!! {problem}")
     failed = bool(run.checks.problems)
-    print(f"\n{'FAILED' if failed else 'ok'} — total run {run_s:.0f} s; results in {args.out}")
-    write_json(args.out, results_json(args, run, goal, failed))
+    finish(args.out, results_json(args, run, goal, failed), failed, run_s)
 
 
 def results_json(

@@ -137,10 +137,7 @@ class Pipeline:
 
         async def attempt(recs: dict[RecordKey, LiveRecord]) -> list[ItemResult]:
             await self.owners.preload(tenant, _clients(checked))
-
-            async def merge_all(merge: _Merge) -> None:
-                await self._merge_all(actor, model, checked, recs, merge, slices)
-
+            merge_all = functools.partial(self._merge_all, actor, model, checked, recs, slices)
             merge = await self._locked_merge(recs, merge_all)
             merge.batch.quarantine += [self._quarantined(actor, c) for c in quarantine]
             if remember is not None:
@@ -215,14 +212,13 @@ class Pipeline:
                 raise ApiError(ErrorCode.STORAGE_UNAVAILABLE, "the record cannot be loaded")
             if not _visible(rec, actor):
                 raise ApiError(ErrorCode.NOT_FOUND, "no such record")
-            results: list[ItemResult] = []
 
             async def edit_one(merge: _Merge) -> None:
-                results.append(self._edit_one(actor, model, rec, values, merge))
+                merge.results.append(self._edit_one(actor, model, rec, values, merge))
 
             merge = await self._locked_merge(recs, edit_one)
             await self._commit(merge)
-            return results[0]
+            return merge.results[0]
 
         return await self._attempts([key], attempt)
 
@@ -291,8 +287,8 @@ class Pipeline:
         model: DomainModel,
         checked: list[_Checked],
         recs: dict[RecordKey, LiveRecord],
-        merge: _Merge,
         slices: Slices,
+        merge: _Merge,
     ) -> None:
         now = datetime.now(UTC)
         for c in checked:
