@@ -13,6 +13,7 @@ from pycrdt import merge_updates
 from storage.types import LogEntry, NodeId
 
 from .gate import DocFailed, contained
+from .slices import Slices
 
 
 def advance(clock: Mapping[NodeId, int], entries: list[LogEntry]) -> dict[NodeId, int]:
@@ -24,13 +25,19 @@ def advance(clock: Mapping[NodeId, int], entries: list[LogEntry]) -> dict[NodeId
     return out
 
 
-def merge_page(entries: list[LogEntry]) -> list[dict[str, Any]]:
-    """One change per record: its updates in this page merged into one."""
+async def merge_page(entries: list[LogEntry]) -> list[dict[str, Any]]:
+    """One change per record: its updates in this page merged into one.
+
+    In time slices: merging a page of 5,000 entries took 19-29 ms (measured), and other
+    tenants' requests waited it out.
+    """
     by_record: dict[str, list[LogEntry]] = {}
     for e in entries:
         by_record.setdefault(e.key.record_id, []).append(e)
     page = []
+    slices = Slices()
     for record_id, group in by_record.items():
+        await slices.pause()
         for update in _merged(group):
             page.append(
                 {

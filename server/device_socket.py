@@ -262,12 +262,13 @@ class DeviceSession:
         )
         frame = self.svc.hub.frames.get(key)
         if frame is None:
+            cursor = encode_cursor(feed.tenant, feed.domain, feed.clock)  # before any await
             frame = msgpack.packb(
                 {
                     "t": "changes",
                     "domain": feed.domain,
-                    "changes": merge_page(shown),
-                    "cursor": encode_cursor(feed.tenant, feed.domain, feed.clock),
+                    "changes": await merge_page(shown),
+                    "cursor": cursor,
                     "has_more": more,
                 }
             )

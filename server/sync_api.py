@@ -137,7 +137,7 @@ async def changes(request: web.Request) -> web.Response:
     clock = decode_cursor(principal.tenant, domain, request.query.get("cursor"))
     limit = _limit(request, svc.config.limits.default_pull_limit, svc.config.limits.max_pull_limit)
     entries, more = await svc.store.read_log(principal.tenant, domain, clock, limit, principal.bus)
-    page = merge_page(entries)
+    page = await merge_page(entries)
     svc.metrics.pulled.labels(domain).inc(len(page))
     answer = {
         "changes": page,

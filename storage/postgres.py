@@ -30,6 +30,7 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped]
 
 from .base import CommitNotice, RecordConflict, StorageError, StorageUnavailable, Store
+from .chunked import converted
 from .group_commit import GroupCommitted, GroupCommitter, GroupPolicy, number_entries
 from .postgres_schema import MIGRATION_LOCK, MIGRATIONS, SCHEMA_VERSION, SCHEMA_VERSION_TABLE
 from .types import (
@@ -713,7 +714,7 @@ class PostgresStore(GroupCommitted, Store):
                 room + 1,
                 *bu_args,
             )
-            entries.extend(_log_entry(r) for r in rows[:room])
+            entries += await converted(rows[:room], _log_entry)
             if len(rows) > room:
                 return entries, True
         return entries, False

@@ -20,6 +20,7 @@ from typing import Any
 import aiosqlite
 
 from .base import RecordConflict, StorageError, StorageUnavailable, Store
+from .chunked import converted
 from .group_commit import GroupCommitted, GroupCommitter, GroupPolicy, number_entries
 from .sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 from .sqlite_thread import ConnectionThread
@@ -197,7 +198,7 @@ class SQLiteStore(GroupCommitted, Store):
                 f" AND node_id = ? AND seq > ?{bu_sql} ORDER BY seq LIMIT ?",
                 (tenant, domain, node, int(after.get(NodeId(node), 0)), *bu_args, room + 1),
             )
-            entries.extend(_log_entry(r) for r in rows[:room])
+            entries += await converted(rows[:room], _log_entry)
             if len(rows) > room:
                 return entries, True
         return entries, False

@@ -1,5 +1,5 @@
-"""Merges run in time slices under record locks: a large push lets other requests through,
-and merges of one record still commit in the order they were made."""
+"""Long work runs in time slices: a large push (under record locks, so merges of one record
+still commit in the order they were made) and a large pull page let other requests through."""
 
 from __future__ import annotations
 
@@ -10,10 +10,13 @@ from typing import Any
 
 import pytest
 
+from server.changes import merge_page
 from server.keyed_locks import KeyedLocks
 from server.pipeline import Pipeline
 from server.services import SERVICES
 from storage import RecordKey
+from storage.chunked import ROWS_PER_TURN, converted
+from storage.types import LogEntry, NodeId, Position, Seq
 from tests.helpers import Api, Client, Replica
 
 
@@ -158,3 +161,45 @@ async def test_a_cancelled_wait_for_a_keyed_lock_leaves_nothing_behind() -> None
         await waiter
     locks.release_all(held)
     assert len(locks) == 0
+
+
+async def _ticks_during(work: Any) -> tuple[Any, int]:
+    """Run `work` beside a task that counts how often the loop let it run."""
+    ticks = 0
+    done = False
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    start = ticks
+    try:
+        result = await work
+    finally:
+        done = True
+        await task
+    return result, ticks - start
+
+
+async def test_a_large_pull_page_is_merged_in_slices() -> None:
+    entries: list[LogEntry] = []
+    for n in range(1000):
+        replica, key = Replica(), RecordKey("t1", "activity", str(uuid.uuid4()))
+        for v in range(1, 4):  # three updates a record: merged into one change
+            update = replica.set(jobdesc=f"job {n}", priority=v)
+            position = Position(NodeId("n1"), Seq(len(entries) + 1))
+            entries.append(LogEntry(position, key, "bu1", update, v, "device", "u1", "d", "", 0))
+    page, ticks = await _ticks_during(merge_page(entries))
+    assert len(page) == 1000 and {c["version"] for c in page} == {3}
+    assert ticks > 0  # the loop ran something else meanwhile
+
+
+async def test_rows_are_converted_handing_the_loop_back_between_chunks() -> None:
+    rows = list(range(ROWS_PER_TURN * 3 + 1))
+    out, ticks = await _ticks_during(converted(rows, str))
+    assert out == [str(r) for r in rows]
+    assert ticks >= 3
