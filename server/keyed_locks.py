@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Hashable, Iterable
+from collections.abc import AsyncIterator, Hashable
 from contextlib import asynccontextmanager
 from typing import Generic, TypeVar
 
@@ -23,25 +23,6 @@ class KeyedLocks(Generic[K]):
         try:
             yield
         finally:
-            self.release(key)
-
-    async def acquire_all(self, keys: Iterable[K]) -> list[K]:
-        """Take every key's lock, in sorted order so two callers cannot deadlock.
-
-        Returns the keys taken (sorted): pass them to `release_all`.
-        """
-        taken: list[K] = []
-        try:
-            for key in sorted(set(keys)):  # type: ignore[type-var]  # keys are orderable
-                await self.acquire(key)
-                taken.append(key)
-        except BaseException:
-            self.release_all(taken)
-            raise
-        return taken
-
-    def release_all(self, keys: Iterable[K]) -> None:
-        for key in keys:
             self.release(key)
 
     async def acquire(self, key: K) -> None:

@@ -3,11 +3,12 @@
 decode -> authorize -> load -> apply -> constrain -> persist -> answer -> fan out.
 
 `Pipeline.push` is the one path every device update takes (HTTP batch push, the device
-socket and the Yjs socket). A request merges under its records' locks, in time slices
-(`server.slices`): requests on other records run between the slices, so one tenant's
-large push does not hold every other tenant's requests behind it. Its batch is handed to
-the store in the same step that unlocks the records, so a record's merges commit in the
-order they were made.
+socket and the Yjs socket). A request checks and merges its items in time slices
+(`server.slices`), holding its tenant's turn: one request of a tenant at a time does
+this work, and between slices other tenants' requests run. So tenants take turns slice
+by slice, however many requests one of them has in flight, and one tenant's large push
+does not hold the others behind it. The batch is handed to the store in the same step
+that gives the turn back, so merges of a record commit in the order they were made.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ class Pipeline:
         self.record_writes = Buckets("record", record_rate)
         self.rule_settings = rule_settings
         self.slice_s = slice_s
-        self.record_locks: KeyedLocks[RecordKey] = KeyedLocks()
+        self.turns: KeyedLocks[str] = KeyedLocks()  # tenant -> the request doing its CPU work
         self.merge_retries = 0
         self.peer_entries = 0
 
@@ -129,16 +130,17 @@ class Pipeline:
         tenant = actor.principal.tenant
         slices = Slices(self.slice_s)
         checked = []
-        for item in items:
-            await slices.pause()
-            checked.append(self._check(tenant, domain, item))
+        async with self.turns.exclusive(tenant):
+            for item in items:
+                await slices.pause()
+                checked.append(self._check(tenant, domain, item))
         quarantine = [c for c in checked if c.error and c.error.code == ErrorCode.MALFORMED_UPDATE]
         keys = [c.key for c in checked if c.error is None]
 
         async def attempt(recs: dict[RecordKey, LiveRecord]) -> list[ItemResult]:
             await self.owners.preload(tenant, _clients(checked))
             merge_all = functools.partial(self._merge_all, actor, model, checked, recs, slices)
-            merge = await self._locked_merge(recs, merge_all)
+            merge = await self._merge_in_turn(tenant, recs, merge_all)
             merge.batch.quarantine += [self._quarantined(actor, c) for c in quarantine]
             if remember is not None:
                 merge.batch.idempotency = remember(merge.results)
@@ -147,17 +149,21 @@ class Pipeline:
 
         return await self._attempts(keys, attempt)
 
-    async def _locked_merge(
-        self, recs: dict[RecordKey, LiveRecord], merge_into: Callable[[_Merge], Awaitable[None]]
+    async def _merge_in_turn(
+        self,
+        tenant: str,
+        recs: dict[RecordKey, LiveRecord],
+        merge_into: Callable[[_Merge], Awaitable[None]],
     ) -> _Merge:
-        """Run `merge_into` holding the records' locks; a merge that fails half-way is undone.
+        """Run `merge_into` in the tenant's turn; a merge that fails half-way is undone.
 
-        The caller must hand the batch to the store with no `await` in between: the next
-        merge of these records may start once they are unlocked, and must commit after
-        this one (the store keeps the order batches were handed to it).
+        The caller must hand the batch to the store with no `await` in between: the
+        tenant's next merge may start once the turn is given back, and if it touches the
+        same records it must commit after this one (the store keeps the order batches
+        were handed to it).
         """
         merge = _Merge()
-        held = await self.record_locks.acquire_all(recs)
+        await self.turns.acquire(tenant)
         try:
             _not_discarded(recs)
             await merge_into(merge)
@@ -165,7 +171,7 @@ class Pipeline:
             self._discard(list(merge.touched.values()), merge.claims, merge.charged)
             raise
         finally:
-            self.record_locks.release_all(held)
+            self.turns.release(tenant)
         return merge
 
     async def _attempts(self, keys: list[RecordKey], attempt: Attempt[T]) -> T:
@@ -216,7 +222,7 @@ class Pipeline:
             async def edit_one(merge: _Merge) -> None:
                 merge.results.append(self._edit_one(actor, model, rec, values, merge))
 
-            merge = await self._locked_merge(recs, edit_one)
+            merge = await self._merge_in_turn(key.tenant, recs, edit_one)
             await self._commit(merge)
             return merge.results[0]
 

@@ -4,7 +4,8 @@ One event loop serves every tenant. A push of many items merged in one go holds 
 loop for all of it (about 0.3 ms an item, so 300 ms for 1,000 items), and every other
 tenant's request waits behind it. Work that loops over items calls `Slices.pause`
 between them: past the budget it hands the loop back, and requests that arrived in the
-meantime run before the rest of it.
+meantime run before the rest of it. (The pipeline lets one request per tenant do such
+work at a time, so the slices are shared out by tenant, not by request.)
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-SLICE_S = 0.001  # about 3 merged items; a quiet request waits behind one slice, not a push
+SLICE_S = 0.001  # about 3 merged items; another tenant waits behind one slice, not a push
 
 
 class Slices:

@@ -1,5 +1,6 @@
-"""Long work runs in time slices: a large push (under record locks, so merges of one record
-still commit in the order they were made) and a large pull page let other requests through."""
+"""Long work runs in time slices: a large push (in its tenant's turn, so merges of one
+record still commit in the order they were made) and a large pull page let other tenants'
+requests through."""
 
 from __future__ import annotations
 
@@ -27,10 +28,10 @@ def _pipeline(client: Client) -> Pipeline:
     return pipeline
 
 
-async def _merging(pipeline: Pipeline) -> None:
-    """Until some request holds record locks, i.e. is merging."""
+async def _merging(pipeline: Pipeline, records: int) -> None:
+    """Until a request holds its tenant's turn with `records` loaded: it is merging."""
     for _ in range(5000):
-        if len(pipeline.record_locks):
+        if len(pipeline.turns) and len(pipeline.live) >= records:
             return
         await asyncio.sleep(0.001)
     raise AssertionError("no merge started")
@@ -67,16 +68,33 @@ async def test_a_large_push_lets_another_tenants_push_through(
         finished.append(name)
 
     large = asyncio.create_task(push(big, "large", _creates(1000)))
-    await _merging(pipeline)
+    await _merging(pipeline, 1001)
     task = asyncio.create_task(
         push(small, "small", [{**record, "update": replica.set(jobdesc="b")}])
     )
     key = RecordKey("t2", "activity", record["record_id"])
     while await _version(pipeline, key) < 2:
         await asyncio.sleep(0.001)
-    assert not large.done() and len(pipeline.record_locks) > 0  # the large one still merges
+    assert not large.done() and len(pipeline.turns) > 0  # the large one still merges
     await asyncio.gather(task, large)
     assert sorted(finished) == ["large", "small"]
+
+
+async def test_tenants_take_turns_however_many_requests_one_has_in_flight(
+    client: Client, api: Callable[..., Api]
+) -> None:
+    """Eight pushes of one tenant and one of another, all sent at once: the other tenant's
+    push gets one slice for every slice of the eight together, not one in nine."""
+    _pipeline(client)
+    finished: list[str] = []
+
+    async def push(who: Api, name: str) -> None:
+        await who.push("activity", _creates(150))
+        finished.append(name)
+
+    busy = [push(api("t1", device=f"dev-{n}"), "t1") for n in range(8)]
+    await asyncio.gather(*busy, push(api("t2"), "t2"))
+    assert finished.index("t2") < 4, finished
 
 
 async def test_sliced_merges_of_the_same_records_commit_in_order(
@@ -119,7 +137,7 @@ async def test_a_record_discarded_during_a_pause_is_merged_again(
     items = _creates(300)
     last = RecordKey("t1", "activity", items[-1]["record_id"])
     task = asyncio.create_task(api().push("activity", items))
-    await _merging(pipeline)
+    await _merging(pipeline, 300)
     recs = await pipeline.live.pin_many([last])
     pipeline.live.poison(recs[last])  # as a failed commit of another request would
     pipeline.live.unpin(recs.values())
@@ -134,33 +152,34 @@ async def test_a_record_discarded_during_a_pause_is_merged_again(
     }
 
 
-async def test_keyed_locks_take_keys_in_order_and_are_dropped_when_free() -> None:
-    locks: KeyedLocks[str] = KeyedLocks()
-    order: list[str] = []
+async def test_a_tenants_requests_take_turns_and_turns_are_dropped_when_free() -> None:
+    turns: KeyedLocks[str] = KeyedLocks()
+    inside: list[str] = []
+    most = 0
 
-    async def holder(name: str, keys: list[str]) -> None:
-        taken = await locks.acquire_all(keys)
-        order.append(name)
-        await asyncio.sleep(0.01)
-        locks.release_all(taken)
+    async def request(tenant: str) -> None:
+        nonlocal most
+        async with turns.exclusive(tenant):
+            inside.append(tenant)
+            most = max(most, inside.count("t1"))
+            await asyncio.sleep(0.005)
+            inside.remove(tenant)
 
-    await asyncio.wait_for(
-        asyncio.gather(holder("a", ["x", "y", "z"]), holder("b", ["z", "y", "x"])), 5
-    )
-    assert sorted(order) == ["a", "b"]
-    assert len(locks) == 0
+    await asyncio.wait_for(asyncio.gather(*(request(t) for t in ["t1"] * 4 + ["t2"])), 5)
+    assert most == 1
+    assert len(turns) == 0
 
 
-async def test_a_cancelled_wait_for_a_keyed_lock_leaves_nothing_behind() -> None:
-    locks: KeyedLocks[str] = KeyedLocks()
-    held = await locks.acquire_all(["x"])
-    waiter = asyncio.create_task(locks.acquire_all(["w", "x"]))
+async def test_a_cancelled_wait_for_a_turn_leaves_nothing_behind() -> None:
+    turns: KeyedLocks[str] = KeyedLocks()
+    await turns.acquire("t1")
+    waiter = asyncio.create_task(turns.acquire("t1"))
     await asyncio.sleep(0.01)
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiter
-    locks.release_all(held)
-    assert len(locks) == 0
+    turns.release("t1")
+    assert len(turns) == 0
 
 
 async def _ticks_during(work: Any) -> tuple[Any, int]:
