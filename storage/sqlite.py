@@ -2,8 +2,8 @@
 
 All writes go through one connection driven by the group committer (BEGIN IMMEDIATE
 ... COMMIT per group), on a thread of its own where a whole group is one call
-(`sqlite_thread`); reads run on a separate aiosqlite connection beside it, one call per
-statement.
+(`sqlite_thread`); reads run on a few aiosqlite connections beside it (each read on the
+least busy one), one call per statement.
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ from .types import (
 from .versions import stale_records, versioned_writes
 
 QUARANTINE_KEEP = 10_000
+READERS = 4
+"""Reader connections (threads). With one, every read queued behind the others: a tenant
+syncing 50 pushes at once put its record loads in front of every other tenant's."""
 _PRAGMAS = ("PRAGMA busy_timeout = 10000", "PRAGMA journal_mode = WAL", "PRAGMA synchronous = FULL")
 _LOG_COLUMNS = (
     "node_id, seq, tenant, domain, record_id, bu, update_bytes, version,"
@@ -59,7 +62,8 @@ class SQLiteStore(GroupCommitted, Store):
         self.path = Path(path)
         self._policy = policy or GroupPolicy()
         self._writer = ConnectionThread("fieldsync-sqlite-writer")
-        self._reader: aiosqlite.Connection | None = None
+        self._readers: list[aiosqlite.Connection] = []
+        self._reading: list[int] = []  # reads in flight on each reader
         self._committer: GroupCommitter | None = None
         self._node: NodeId | None = None
         self._next_seq = 1
@@ -71,9 +75,12 @@ class SQLiteStore(GroupCommitted, Store):
         await self._writer.open(self._connect_writer)
         await self._writer.run(_check_durability)
         await self._writer.run(_migrate)
-        self._reader = await aiosqlite.connect(self.path, isolation_level=None)
-        for pragma in (*_PRAGMAS, "PRAGMA query_only = ON"):
-            await self._reader.execute(pragma)
+        for _ in range(READERS):
+            reader = await aiosqlite.connect(self.path, isolation_level=None)
+            for pragma in (*_PRAGMAS, "PRAGMA query_only = ON"):
+                await reader.execute(pragma)
+            self._readers.append(reader)
+        self._reading = [0] * READERS
         self._committer = GroupCommitter(
             self._write_group,
             self._policy,
@@ -85,9 +92,9 @@ class SQLiteStore(GroupCommitted, Store):
         if self._committer is not None:
             await self._committer.close()
             self._committer = None
-        if self._reader is not None:
-            await self._reader.close()
-            self._reader = None
+        readers, self._readers = self._readers, []
+        for reader in readers:
+            await reader.close()
         await self._writer.close()
 
     def _connect_writer(self) -> sqlite3.Connection:
@@ -274,17 +281,17 @@ class SQLiteStore(GroupCommitted, Store):
     # -- helpers -----------------------------------------------------------
 
     async def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
-        conn = self._conn(self._reader)
+        """On the reader with the fewest reads in flight: one hop to its thread."""
+        if not self._readers:
+            raise StorageUnavailable("the store is not open")
+        i = min(range(len(self._readers)), key=self._reading.__getitem__)
+        self._reading[i] += 1
         try:
-            return list(await conn.execute_fetchall(sql, args))  # one hop to its thread
+            return list(await self._readers[i].execute_fetchall(sql, args))
         except aiosqlite.OperationalError as exc:
             raise StorageUnavailable(f"read failed: {exc}") from exc
-
-    @staticmethod
-    def _conn(conn: aiosqlite.Connection | None) -> aiosqlite.Connection:
-        if conn is None:
-            raise StorageUnavailable("the store is not open")
-        return conn
+        finally:
+            self._reading[i] -= 1
 
 
 _INSERT_RECORD = """
