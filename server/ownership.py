@@ -26,15 +26,22 @@ class ClientOwners:
         self._server_ids = await self._store.server_client_ids()
 
     async def preload(self, tenant: str, clients: Iterable[int]) -> None:
-        """Look up owners not yet known, so `owner()` answers without I/O during a merge."""
+        """Look up owners not yet known (in one store read), so `owner()` answers without
+        I/O during a merge."""
+        unknown = []
         for client in clients:
             key = (tenant, client)
             if key in self._owners:
                 self._owners.move_to_end(key)
             elif client not in self._server_ids:
-                owner = await self._store.client_owner(tenant, client)
-                if key not in self._owners:  # a claim made while we waited wins
-                    self._remember(key, owner)
+                unknown.append(client)
+        if not unknown:
+            return
+        owners = await self._store.client_owners(tenant, unknown)
+        for client in unknown:
+            key = (tenant, client)
+            if key not in self._owners:  # a claim made while we waited wins
+                self._remember(key, owners.get(client))
 
     def owner(self, tenant: str, client: int) -> str | None:
         """The owning device; a node's client id is owned by the server."""

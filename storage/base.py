@@ -7,7 +7,7 @@ Both backends pass the same contract suite (tests/test_storage_contract.py).
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 
 from .types import (
     IdempotencyRow,
@@ -141,8 +141,9 @@ class Store(abc.ABC):
         """The stored answer for an idempotency key, unless it expired."""
 
     @abc.abstractmethod
-    async def client_owner(self, tenant: str, client_id: int) -> str | None:
-        """The device that owns a Yjs client id in the tenant, if any."""
+    async def client_owners(self, tenant: str, client_ids: Collection[int]) -> dict[int, str]:
+        """The devices that own these Yjs client ids in the tenant (ids nobody owns are left
+        out), in one look-up however many there are."""
 
     @abc.abstractmethod
     async def records_to_compact(self, min_tail: int, limit: int) -> list[RecordKey]:

@@ -24,7 +24,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
@@ -768,13 +768,14 @@ class PostgresStore(GroupCommitted, Store):
             IdempotencyRow(str(rows[0][0]), bytes(rows[0][1]), float(rows[0][2])) if rows else None
         )
 
-    async def client_owner(self, tenant: str, client_id: int) -> str | None:
+    async def client_owners(self, tenant: str, client_ids: Collection[int]) -> dict[int, str]:
         rows = await self._fetch(
-            "SELECT device FROM client_ids WHERE tenant = $1 AND client_id = $2",
+            "SELECT client_id, device FROM client_ids WHERE tenant = $1"
+            " AND client_id = ANY($2::bigint[])",
             tenant,
-            client_id,
+            sorted(set(client_ids)),
         )
-        return str(rows[0][0]) if rows else None
+        return {int(r[0]): str(r[1]) for r in rows}
 
     async def records_to_compact(self, min_tail: int, limit: int) -> list[RecordKey]:
         # Reads the whole log (through log_by_record): only `fieldsync compact` asks, and a

@@ -13,9 +13,9 @@ import itertools
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -39,6 +39,7 @@ from .types import (
 from .versions import stale_records, versioned_writes
 
 QUARANTINE_KEEP = 10_000
+T = TypeVar("T")
 READERS = 4
 """Reader connections (threads). With one, every read queued behind the others: a tenant
 syncing 50 pushes at once put its record loads in front of every other tenant's."""
@@ -254,12 +255,16 @@ class SQLiteStore(GroupCommitted, Store):
             IdempotencyRow(str(rows[0][0]), bytes(rows[0][1]), float(rows[0][2])) if rows else None
         )
 
-    async def client_owner(self, tenant: str, client_id: int) -> str | None:
-        rows = await self._read(
-            "SELECT device FROM client_ids WHERE tenant = ? AND client_id = ?",
-            (tenant, client_id),
-        )
-        return str(rows[0][0]) if rows else None
+    async def client_owners(self, tenant: str, client_ids: Collection[int]) -> dict[int, str]:
+        owners: dict[int, str] = {}
+        for chunk in _chunks(sorted(set(client_ids)), 500):
+            rows = await self._read(
+                "SELECT client_id, device FROM client_ids WHERE tenant = ?"
+                f" AND client_id IN ({','.join('?' * len(chunk))})",
+                (tenant, *chunk),
+            )
+            owners.update((int(c), str(d)) for c, d in rows)
+        return owners
 
     async def records_to_compact(self, min_tail: int, limit: int) -> list[RecordKey]:
         rows = await self._read(
@@ -310,7 +315,7 @@ def _statements(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
 
 
-def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
+def _chunks(items: list[T], size: int) -> Iterable[list[T]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
 

@@ -5,14 +5,17 @@ requests through."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from server.auth import Principal
 from server.changes import merge_page
 from server.keyed_locks import KeyedLocks
+from server.merge_types import Actor, PushItem
 from server.pipeline import Pipeline
 from server.services import SERVICES
 from storage import RecordKey
@@ -80,21 +83,46 @@ async def test_a_large_push_lets_another_tenants_push_through(
     assert sorted(finished) == ["large", "small"]
 
 
+def _actor(tenant: str, device: str) -> Actor:
+    return Actor(Principal("u1", tenant, None, frozenset(), time.time() + 3600), device)
+
+
+def _items(replicas: dict[str, Replica], value: str) -> list[PushItem]:
+    return [PushItem(r, "bu1", rep.set(jobdesc=value), None) for r, rep in replicas.items()]
+
+
 async def test_tenants_take_turns_however_many_requests_one_has_in_flight(
-    client: Client, api: Callable[..., Api]
+    client: Client,
 ) -> None:
-    """Eight pushes of one tenant and one of another, all sent at once: the other tenant's
-    push gets one slice for every slice of the eight together, not one in nine."""
-    _pipeline(client)
-    finished: list[str] = []
+    """Eight pushes of one tenant are merging when another tenant pushes: its merge gets one
+    slice for every slice of the eight together, not one in nine."""
+    pipeline = _pipeline(client)
+    quiet = {str(uuid.uuid4()): Replica() for _ in range(150)}
+    await pipeline.push(_actor("t2", "q"), "activity", _items(quiet, "loaded"))  # now cached
+    merged: list[str] = []
+    merge_in_turn = pipeline._merge_in_turn
 
-    async def push(who: Api, name: str) -> None:
-        await who.push("activity", _creates(150))
-        finished.append(name)
+    async def spy(tenant: str, *args: Any) -> Any:
+        merge = await merge_in_turn(tenant, *args)
+        merged.append(tenant)
+        return merge
 
-    busy = [push(api("t1", device=f"dev-{n}"), "t1") for n in range(8)]
-    await asyncio.gather(*busy, push(api("t2"), "t2"))
-    assert finished.index("t2") < 4, finished
+    pipeline._merge_in_turn = spy  # type: ignore[method-assign,assignment]
+    busy = [
+        asyncio.create_task(
+            pipeline.push(
+                _actor("t1", f"d{n}"),
+                "activity",
+                _items({str(uuid.uuid4()): Replica() for _ in range(150)}, "new"),
+            )
+        )
+        for n in range(8)
+    ]
+    await _merging(pipeline, 9 * 150)
+    merged.clear()  # count the merges that end while t2 pushes
+    await pipeline.push(_actor("t2", "q"), "activity", _items(quiet, "edited"))
+    await asyncio.gather(*busy)
+    assert merged.index("t2") < 3, merged
 
 
 async def test_sliced_merges_of_the_same_records_commit_in_order(

@@ -106,7 +106,7 @@ async def test_whole_batch_commits_or_nothing(store: Store) -> None:
     assert row is not None and row.version == 1
     assert await store.get_record(RecordKey("t1", "activity", "rec-2")) is None
     assert await store.get_idempotency("t1", "user-1", "k", time.time()) is None
-    assert await store.client_owner("t1", 7) is None
+    assert await store.client_owners("t1", [7]) == {}
     # and the store still works, with no gap in the sequence
     positions = await store.commit(_write(KEY, 2))
     entries, _ = await store.read_log("t1", "activity", {}, 100)
@@ -135,8 +135,8 @@ async def test_client_id_claims_keep_the_first_owner(store: Store) -> None:
     with pytest.raises(RecordConflict):
         await store.commit(late)
     assert await store.get_record(KEY) is None
-    assert await store.client_owner("t1", 42) == "dev-a"
-    assert await store.client_owner("t2", 42) is None
+    assert await store.client_owners("t1", [42, 43]) == {42: "dev-a"}
+    assert await store.client_owners("t2", [42]) == {}
 
 
 async def test_fold_moves_tail_into_snapshot(store: Store) -> None:
@@ -204,7 +204,7 @@ async def test_a_conflict_in_a_batch_writes_none_of_it(store: Store) -> None:
     with pytest.raises(RecordConflict):
         await store.commit(batch)
     assert await store.get_record(other) is None
-    assert await store.client_owner("t1", 9) is None
+    assert await store.client_owners("t1", [9]) == {}
     entries, _ = await store.read_log("t1", "activity", {}, 100)
     assert len(entries) == 1
 
