@@ -3,7 +3,8 @@
 All writes go through one connection driven by the group committer (BEGIN IMMEDIATE
 ... COMMIT per group), on a thread of its own where a whole group is one call
 (`sqlite_thread`); reads run on a few aiosqlite connections beside it (each read on the
-least busy one), one call per statement.
+least busy one), one call per statement. The WAL is checkpointed in the background by a
+connection of its own (`sqlite_checkpoint`), not by the commit that fills it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import aiosqlite
 from .base import RecordConflict, StorageError, StorageUnavailable, Store
 from .chunked import converted
 from .group_commit import GroupCommitted, GroupCommitter, GroupPolicy, number_entries
+from .sqlite_checkpoint import BACKSTOP_PAGES, EVERY_S, Checkpointer
 from .sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 from .sqlite_thread import ConnectionThread
 from .types import (
@@ -59,10 +61,16 @@ _JOINED_COLUMNS = ", ".join(
 
 
 class SQLiteStore(GroupCommitted, Store):
-    def __init__(self, path: str | Path, policy: GroupPolicy | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        policy: GroupPolicy | None = None,
+        checkpoint_every_s: float = EVERY_S,
+    ) -> None:
         self.path = Path(path)
         self._policy = policy or GroupPolicy()
         self._writer = ConnectionThread("fieldsync-sqlite-writer")
+        self.checkpointer = Checkpointer(self._connect, checkpoint_every_s)
         self._readers: list[aiosqlite.Connection] = []
         self._reading: list[int] = []  # reads in flight on each reader
         self._committer: GroupCommitter | None = None
@@ -76,6 +84,7 @@ class SQLiteStore(GroupCommitted, Store):
         await self._writer.open(self._connect_writer)
         await self._writer.run(_check_durability)
         await self._writer.run(_migrate)
+        await self.checkpointer.open()
         for _ in range(READERS):
             reader = await aiosqlite.connect(self.path, isolation_level=None)
             for pragma in (*_PRAGMAS, "PRAGMA query_only = ON"):
@@ -96,12 +105,18 @@ class SQLiteStore(GroupCommitted, Store):
         readers, self._readers = self._readers, []
         for reader in readers:
             await reader.close()
+        await self.checkpointer.close()
         await self._writer.close()
 
-    def _connect_writer(self) -> sqlite3.Connection:
+    def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None)
         for pragma in _PRAGMAS:
             conn.execute(pragma)
+        return conn
+
+    def _connect_writer(self) -> sqlite3.Connection:
+        conn = self._connect()
+        conn.execute(f"PRAGMA wal_autocheckpoint = {BACKSTOP_PAGES}")
         return conn
 
     # -- nodes -------------------------------------------------------------
@@ -128,6 +143,7 @@ class SQLiteStore(GroupCommitted, Store):
         except BaseException:
             self._next_seq = first_seq
             raise
+        self.checkpointer.written()
         return positions
 
     # -- reads -------------------------------------------------------------
