@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import aiohttp
 import msgpack
@@ -169,9 +169,10 @@ def free_port() -> int:
 class ServerProcess:
     """`fieldsync serve` as a child process that only this test starts and ends."""
 
-    def __init__(self, db: Path, *extra_args: str) -> None:
+    def __init__(self, db: Path, *extra_args: str, log: Path | None = None) -> None:
         self.db, self.port = db, free_port()
         self.extra_args = extra_args
+        self.log = log  # where its INFO log goes (none kept if None)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -179,7 +180,12 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        env = {**os.environ, "FIELDSYNC_JWT_SECRET": SECRET, "FIELDSYNC_LOG_LEVEL": "WARNING"}
+        level = "INFO" if self.log else "WARNING"
+        env = {**os.environ, "FIELDSYNC_JWT_SECRET": SECRET, "FIELDSYNC_LOG_LEVEL": level}
+        with open(self.log or os.devnull, "wb") as stderr:
+            self._popen(env, stderr)
+
+    def _popen(self, env: dict[str, str], stderr: IO[bytes]) -> None:
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -196,7 +202,7 @@ class ServerProcess:
             cwd=ROOT,
             env=env,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=stderr,
         )
 
     async def ready(self, timeout: float = 20) -> None:
