@@ -213,7 +213,8 @@ def _serve_options(serve: argparse.ArgumentParser) -> None:
         "FIELDSYNC_TENANT_MERGES",
         positive_int,
         str(RateSettings().tenant_in_flight),
-        "sync requests of one tenant merged at once (the rest queue behind them)",
+        "sync requests of one tenant merged at once while it is alone on the node (one while"
+        " another tenant is active; the rest queue behind them)",
     )
 
 
