@@ -26,13 +26,11 @@ from . import gctune
 from .auth import is_valid_id, mint_token, resolve_public_key, resolve_secret
 from .compaction import compact_due
 from .config import Config, SocketSettings
-from .event_loop import loop_class, loop_name
 from .handshake import HandshakeSettings, guard_app
 from .ratelimit import Rate, RateSettings
 from .records_api import iso, record_json
 
 DEFAULT_DB = "fieldsync.db"
-log = logging.getLogger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -181,15 +179,6 @@ def _serve_options(serve: argparse.ArgumentParser) -> None:
         "on",
         "on: freeze long-lived objects so full garbage collections stay short"
         " (see server/gctune.py); off: Python's defaults",
-    )
-    _env_option(
-        serve,
-        "--event-loop",
-        "FIELDSYNC_EVENT_LOOP",
-        loop_class,
-        "auto",
-        "auto: uvloop where it is installed (it is a dependency, except on Windows), else"
-        " asyncio's; uvloop; asyncio",
     )
     _env_option(
         serve,
@@ -355,9 +344,7 @@ def _serve(args: argparse.Namespace) -> None:
     if args.gc_tune:
         gctune.tune(app)
     guard = HandshakeSettings(args.head_timeout, args.max_pending_connections)
-    guarded = guard.head_timeout_s > 0 or guard.max_pending > 0
-    loop = guard_app(app, guard, args.event_loop) if guarded else args.event_loop()
-    log.info("event loop: %s", loop_name(args.event_loop))
+    loop = guard_app(app, guard) if guard.head_timeout_s > 0 or guard.max_pending > 0 else None
     try:
         web.run_app(app, host=args.host, port=args.port, print=None, access_log=None, loop=loop)
     except StorageError as exc:  # the database refused or is unreachable at start

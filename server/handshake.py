@@ -3,7 +3,7 @@
 aiohttp has no deadline for a request head: a client that opens a TCP connection and
 dribbles header bytes (slowloris) holds a connection, a file descriptor and a parser for
 as long as it likes. This guard sits in front of aiohttp's protocol, on the listening
-server itself (`guarded_loop`'s `create_server`), for each connection until its first
+server itself (`GuardedEventLoop.create_server`), for each connection until its first
 request head is complete:
 
 - **head timeout**: a connection that has not delivered a complete first request head
@@ -29,7 +29,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -117,8 +117,8 @@ class GuardedProtocol(asyncio.Protocol):
         self._connected = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's TCP transport has a Transport's methods but is not a subclass of it
-        self._transport = cast(asyncio.Transport, transport)
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
         self._waiting = True
         self._guard._admit(self)
         timeout = self._guard.settings.head_timeout_s
@@ -181,10 +181,12 @@ class GuardedProtocol(asyncio.Protocol):
         self._inner.resume_writing()
 
 
-class _GuardedServers(asyncio.AbstractEventLoop):
-    """Puts `guard` in front of every connection of the servers this loop creates."""
+class GuardedEventLoop(asyncio.SelectorEventLoop):
+    """An event loop whose servers put `guard` in front of every connection."""
 
-    guard: HandshakeGuard
+    def __init__(self, guard: HandshakeGuard) -> None:
+        super().__init__()
+        self.guard = guard
 
     async def create_server(
         self, protocol_factory: Callable[[], asyncio.BaseProtocol], *args: Any, **kwargs: Any
@@ -193,23 +195,8 @@ class _GuardedServers(asyncio.AbstractEventLoop):
         return await super().create_server(wrapped, *args, **kwargs)
 
 
-def guarded_loop(
-    base: type[asyncio.AbstractEventLoop], guard: HandshakeGuard
-) -> asyncio.AbstractEventLoop:
-    """A new event loop of class `base` whose servers put `guard` in front of every
-    connection (asyncio's selector loop and uvloop's both)."""
-    cls = type(f"Guarded{base.__name__}", (_GuardedServers, base), {})
-    loop: _GuardedServers = cls()
-    loop.guard = guard
-    return loop
-
-
-def guard_app(
-    app: web.Application,
-    settings: HandshakeSettings,
-    loop_class: type[asyncio.AbstractEventLoop] = asyncio.SelectorEventLoop,
-) -> asyncio.AbstractEventLoop:
+def guard_app(app: web.Application, settings: HandshakeSettings) -> GuardedEventLoop:
     """Install the guard's middleware (first) on `app`; run the app on the returned loop."""
     guard = HandshakeGuard(settings)
     app.middlewares.insert(0, guard.middleware)
-    return guarded_loop(loop_class, guard)
+    return GuardedEventLoop(guard)

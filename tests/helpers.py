@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import aiohttp
 import msgpack
@@ -169,10 +169,9 @@ def free_port() -> int:
 class ServerProcess:
     """`fieldsync serve` as a child process that only this test starts and ends."""
 
-    def __init__(self, db: Path, *extra_args: str, log: Path | None = None) -> None:
+    def __init__(self, db: Path, *extra_args: str) -> None:
         self.db, self.port = db, free_port()
         self.extra_args = extra_args
-        self.log = log  # where its INFO log goes (none kept if None)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -180,12 +179,7 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        level = "INFO" if self.log else "WARNING"
-        env = {**os.environ, "FIELDSYNC_JWT_SECRET": SECRET, "FIELDSYNC_LOG_LEVEL": level}
-        with open(self.log or os.devnull, "wb") as stderr:
-            self._popen(env, stderr)
-
-    def _popen(self, env: dict[str, str], stderr: IO[bytes]) -> None:
+        env = {**os.environ, "FIELDSYNC_JWT_SECRET": SECRET, "FIELDSYNC_LOG_LEVEL": "WARNING"}
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -202,7 +196,7 @@ class ServerProcess:
             cwd=ROOT,
             env=env,
             stdout=subprocess.DEVNULL,
-            stderr=stderr,
+            stderr=subprocess.DEVNULL,
         )
 
     async def ready(self, timeout: float = 20) -> None:

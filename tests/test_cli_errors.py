@@ -31,7 +31,6 @@ def _serve(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProces
         ((), {"FIELDSYNC_TENANT_MERGES": "-3"}, "--tenant-merges: expected a whole number"),
         ((), {"FIELDSYNC_RATE_DEVICE": "lots"}, "--rate-device: a rate is N/second"),
         (("--node-id", "node 1"), {}, "--node-id: a node id is"),
-        ((), {"FIELDSYNC_EVENT_LOOP": "trio"}, "--event-loop: unknown event loop 'trio'"),
     ],
 )
 def test_bad_settings_are_one_line_errors(

@@ -1,8 +1,7 @@
 """Slow handshakes and pre-request connections are capped (server/handshake.py).
 
 Against a real `fieldsync serve` on 127.0.0.1: the guard sits on the listening server that
-`web.run_app` creates, which the in-process test server does not use. On both event loops
-`serve` can run on (uvloop's transports are not asyncio's classes).
+`web.run_app` creates, which the in-process test server does not use.
 """
 
 from __future__ import annotations
@@ -20,16 +19,9 @@ HEAD = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
 REQUEST = HEAD + b"\r\n"
 
 
-@pytest.fixture(params=["uvloop", "asyncio"])
-def loop_choice(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
 @pytest.fixture
-async def server(
-    request: pytest.FixtureRequest, tmp_path: Path, loop_choice: str
-) -> AsyncIterator[ServerProcess]:
-    proc = ServerProcess(tmp_path / "guard.db", *request.param, "--event-loop", loop_choice)
+async def server(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ServerProcess]:
+    proc = ServerProcess(tmp_path / "guard.db", *request.param)
     proc.start()
     try:
         await proc.ready()
