@@ -42,7 +42,12 @@ Unless ``--no-gc-trace``, the server's full (generation-2) and slow (>= 2 ms) ga
 collections are logged with their start times by a ``gc.callbacks`` hook (a sitecustomize module
 on the server's PYTHONPATH; server code untouched), and every quiet request slower than 2x the
 baseline p99 is attributed: sent in the phase's first second (a flood's burst), overlapping a
-full GC, overlapping young GCs, or none of these.
+full GC, overlapping young GCs, or none of these. Unless ``--no-disk-probe``, a process of its
+own fsyncs a block in the temporary directory (the filesystem of the database) every 20 ms
+(``bench/disk_probe.py``): a flush of >= 50 ms there is a disk stall, which on a shared VM
+comes now and then whatever the server does, and holds every commit behind it (one of 924
+ms has been seen in a phase with no neighbour). Slow requests that overlapped one are
+counted as such, and each ratio is also given for the requests clear of disk stalls.
 
 Reading the output
 ------------------
@@ -67,6 +72,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import multiprocessing as mp
@@ -105,6 +111,7 @@ from common import (
     running_server,
     summarize_profile,
 )
+from disk_probe import DiskProbe, DiskStats, Flush, disk_stats, during_stall, overlap_ms
 from http_sync import content_headers, device_updates, logged_rows_by_tenant, push_bodies
 
 from server.ratelimit import Rate
@@ -619,8 +626,7 @@ class GcPause:
 
     def overlap_ms(self, start: float, ms: float) -> float:
         """How long this pause overlapped [start, start + ms)."""
-        end, own_end = start + ms / 1000, self.start + self.ms / 1000
-        return max(0.0, min(end, own_end) - max(start, self.start)) * 1000
+        return overlap_ms(start, ms, self.start, self.ms)
 
 
 class GcTrace:
@@ -659,6 +665,29 @@ class GcStats:
     slow_young_max_ms: float
 
 
+@dataclass(frozen=True, slots=True)
+class Tracers:
+    gc: GcTrace | None
+    disk: DiskProbe | None
+
+    def seen(self, start: float, end: float) -> Disturbances:
+        return Disturbances(
+            self.gc.pauses(start, end) if self.gc else (),
+            self.disk.flushes(start, end) if self.disk else (),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Disturbances:
+    """What the server's GC and the machine's disk did during one phase."""
+
+    pauses: Sequence[GcPause] = ()
+    flushes: Sequence[Flush] = ()  # the disk probe's slow flushes
+
+    def disk_stall(self, start: float, ms: float) -> bool:
+        return during_stall(start, ms, self.flushes)
+
+
 def gc_stats(pauses: Sequence[GcPause]) -> GcStats:
     full = [p for p in pauses if p.generation == 2]
     young = [p.ms for p in pauses if p.generation < 2]
@@ -689,41 +718,45 @@ def merged_counts(results: Sequence[LoadResult], name: str) -> dict[str, int]:
 @dataclass(slots=True)
 class SlowRequests:
     """Quiet requests slower than `over_ms` (GOAL_RATIO x the baseline p99), by likely cause:
-    sent in the phase's first second (a flood's burst), overlapping a server full GC,
-    overlapping young GCs of >= 2 ms, or none of these."""
+    sent in the phase's first second (a flood's burst), overlapping a disk stall, a server
+    full GC or young GCs of >= 2 ms, or none of these."""
 
     over_ms: float
     count: int
     first_second: int
+    disk_stall: int
     full_gc: int
     young_gc: int
     other: int
 
 
 def slow_requests(
-    results: Sequence[LoadResult], pauses: Sequence[GcPause], over_ms: float
+    results: Sequence[LoadResult], seen: Disturbances, over_ms: float
 ) -> SlowRequests:
     causes: Counter[str] = Counter()
     for r in results:
         for t, ms, _ in r.timeline:
             if ms > over_ms:
-                causes[slow_cause(r.t0 + t, t, ms, pauses)] += 1
+                causes[slow_cause(r.t0 + t, t, ms, seen)] += 1
     return SlowRequests(
         over_ms=over_ms,
         count=sum(causes.values()),
         first_second=causes["first_second"],
+        disk_stall=causes["disk_stall"],
         full_gc=causes["full_gc"],
         young_gc=causes["young_gc"],
         other=causes["other"],
     )
 
 
-def slow_cause(start: float, t: float, ms: float, pauses: Sequence[GcPause]) -> str:
+def slow_cause(start: float, t: float, ms: float, seen: Disturbances) -> str:
     if t < SETTLE_S:
         return "first_second"
-    if any(p.generation == 2 and p.overlap_ms(start, ms) > 0 for p in pauses):
+    if seen.disk_stall(start, ms):
+        return "disk_stall"
+    if any(p.generation == 2 and p.overlap_ms(start, ms) > 0 for p in seen.pauses):
         return "full_gc"
-    if any(p.generation < 2 and p.overlap_ms(start, ms) > 0 for p in pauses):
+    if any(p.generation < 2 and p.overlap_ms(start, ms) > 0 for p in seen.pauses):
         return "young_gc"
     return "other"
 
@@ -738,10 +771,11 @@ class QuietStats:
     p90_ms: float
     p99_ms: float
     p99_after_1s_ms: float  # requests sent >= SETTLE_S after the start (the flood's burst over)
+    p99_clear_ms: float  # requests that overlapped no disk stall
     max_ms: float
     push_p99_ms: float
     pull_p99_ms: float
-    slowest: list[dict[str, Any]]  # t (s after start), ms, kind, gc_ms (server GC overlap)
+    slowest: list[dict[str, Any]]  # t (s after start), ms, kind, gc_ms, disk_stall
     slow: SlowRequests
     http: dict[str, int]
     items: dict[str, int]
@@ -752,10 +786,9 @@ class QuietStats:
     first_error: str | None
 
 
-def slowest_requests(
-    results: Sequence[LoadResult], pauses: Sequence[GcPause]
-) -> list[dict[str, Any]]:
-    """The slowest answered requests, with how much of each a server GC pause overlapped."""
+def slowest_requests(results: Sequence[LoadResult], seen: Disturbances) -> list[dict[str, Any]]:
+    """The slowest answered requests, with how much of each a server GC pause overlapped and
+    whether a disk stall did."""
     entries = [(r.t0 + t, t, ms, kind) for r in results for t, ms, kind in r.timeline]
     entries.sort(key=lambda e: -e[2])
     return [
@@ -763,20 +796,22 @@ def slowest_requests(
             "t_s": round(t, 3),
             "ms": ms,
             "kind": kind,
-            "gc_ms": round(sum(p.overlap_ms(start, ms) for p in pauses), 1),
+            "gc_ms": round(sum(p.overlap_ms(start, ms) for p in seen.pauses), 1),
+            "disk_stall": seen.disk_stall(start, ms),
         }
         for start, t, ms, kind in entries[:SLOWEST]
     ]
 
 
 def quiet_stats(
-    results: Sequence[LoadResult], pauses: Sequence[GcPause], slow_ms: float | None
+    results: Sequence[LoadResult], seen: Disturbances, slow_ms: float | None
 ) -> QuietStats:
     """`slow_ms`: the latency over which requests are counted as slow (None: GOAL_RATIO x this
     phase's own p99)."""
     push_ms = [x for r in results for x in r.push_ms]
     pull_ms = [x for r in results for x in r.pull_ms]
     settled = [ms for r in results for t, ms, kind in r.timeline if t >= SETTLE_S]
+    clear = [ms for r in results for t, ms, _ in r.timeline if not seen.disk_stall(r.t0 + t, ms)]
     p50, p90, p99, top = percentiles(push_ms + pull_ms, (0.5, 0.9, 0.99, 1.0))
     elapsed = max((r.elapsed_s for r in results), default=0.0)
     http = merged_counts(results, "http")
@@ -789,11 +824,12 @@ def quiet_stats(
         p90_ms=p90,
         p99_ms=p99,
         p99_after_1s_ms=percentiles(settled, (0.99,))[0],
+        p99_clear_ms=percentiles(clear, (0.99,))[0],
         max_ms=top,
         push_p99_ms=percentiles(push_ms, (0.99,))[0],
         pull_p99_ms=percentiles(pull_ms, (0.99,))[0],
-        slowest=slowest_requests(results, pauses),
-        slow=slow_requests(results, pauses, slow_ms or GOAL_RATIO * p99),
+        slowest=slowest_requests(results, seen),
+        slow=slow_requests(results, seen, slow_ms or GOAL_RATIO * p99),
         http=http,
         items=merged_counts(results, "items"),
         refused=http.get("429", 0),
@@ -874,6 +910,7 @@ class PhaseReport:
     quiet: QuietStats | None
     noisy: FloodStats | None
     gc: GcStats | None
+    disk: DiskStats | None
     wall_s: float
     server_cpu_s: float
     server_cpu_pct: float
@@ -884,18 +921,19 @@ class PhaseReport:
 
 
 def phase_report(
-    run: PhaseRun, tenant: Rate, gc_trace: GcTrace | None, factor: float, slow_ms: float | None
+    run: PhaseRun, tenant: Rate, tracers: Tracers, factor: float, slow_ms: float | None
 ) -> PhaseReport:
     window = run.cpu
-    pauses = gc_trace.pauses(window.t0, window.t0 + window.wall_s) if gc_trace else []
+    seen = tracers.seen(window.t0, window.t0 + window.wall_s)
     quiet, noisy = run.of(QUIET), run.of(NOISY)
     client_cpu_s = sum(r.cpu_s for r in run.results)
     wall = window.wall_s
     return PhaseReport(
         name=run.name,
-        quiet=quiet_stats(quiet, pauses, slow_ms) if quiet else None,
+        quiet=quiet_stats(quiet, seen, slow_ms) if quiet else None,
         noisy=flood_stats(noisy, tenant, factor) if noisy else None,
-        gc=gc_stats(pauses) if gc_trace else None,
+        gc=gc_stats(seen.pauses) if tracers.gc else None,
+        disk=disk_stats(seen.flushes) if tracers.disk else None,
         wall_s=wall,
         server_cpu_s=window.server_s,
         server_cpu_pct=window.server_pct,
@@ -1050,6 +1088,12 @@ def check_phase(p: PhaseReport, checks: Checks) -> None:
         p.other_cpu_pct < 10,
         f"{p.name}: other processes used {p.other_cpu_pct:.0f}% of a core (numbers disturbed)",
     )
+    if p.disk is not None:
+        checks.note(
+            p.disk.stalls == 0,
+            f"{p.name}: the disk stalled {p.disk.stalls} times, a flush of up to"
+            f" {p.disk.max_ms:.0f} ms (numbers disturbed)",
+        )
 
 
 def check_metrics(seen: dict[str, int], metric: dict[str, float], checks: Checks) -> None:
@@ -1135,6 +1179,8 @@ def verdict(phases: Sequence[PhaseReport]) -> dict[str, Any]:
         "flood_p99_ms": flood["p99_ms"],
         "p99_ratio": flood["p99_ratio"],
         "met": flood["p99_ratio"] < GOAL_RATIO,
+        "p99_clear_ratio": flood["p99_clear_ratio"],
+        "disk_stalls": {p.name: p.disk.stalls for p in phases if p.disk is not None},
         "ratios_by_phase": ratios,
     }
 
@@ -1149,6 +1195,7 @@ def quiet_ratios(base: QuietStats, q: QuietStats) -> dict[str, float]:
         "p50_ratio": ratio(q.p50_ms, base.p50_ms),
         "p99_ratio": ratio(q.p99_ms, base.p99_ms),
         "p99_after_1s_ratio": ratio(q.p99_after_1s_ms, base.p99_after_1s_ms),
+        "p99_clear_ratio": ratio(q.p99_clear_ms, base.p99_clear_ms),
     }
 
 
@@ -1157,13 +1204,21 @@ def print_summary(phases: Sequence[PhaseReport], goal: dict[str, Any]) -> None:
         f"\nquiet latency against the baseline (p50 {goal['baseline_p50_ms']:.1f} ms, p99"
         f" {goal['baseline_p99_ms']:.1f} ms):"
     )
+    probed = bool(goal["disk_stalls"])
     for name, r in goal["ratios_by_phase"].items():
+        clear = f"; clear of disk stalls: {r['p99_clear_ratio']:.2f}x" if probed else ""
         print(
             f"  {name:<8} p50 {r['p50_ms']:.1f} ms = {r['p50_ratio']:.2f}x, p99"
             f" {r['p99_ms']:.1f} ms = {r['p99_ratio']:.2f}x (p99 of requests sent after the"
-            f" first second: {r['p99_after_1s_ratio']:.2f}x)"
+            f" first second: {r['p99_after_1s_ratio']:.2f}x{clear})"
         )
     print(f"GOAL {goal['goal']}: {'met' if goal['met'] else 'NOT met'} ({goal['p99_ratio']:.2f}x)")
+    stalled = [f"{n} in {name}" for name, n in goal["disk_stalls"].items() if n]
+    if stalled:
+        print(
+            f"  disturbed by disk stalls ({', '.join(stalled)}); of the requests clear of them:"
+            f" {goal['p99_clear_ratio']:.2f}x"
+        )
     for p in phases:
         if p.noisy is not None:
             print_noisy(p.name, p.noisy)
@@ -1173,8 +1228,8 @@ def print_summary(phases: Sequence[PhaseReport], goal: dict[str, Any]) -> None:
             sl = p.quiet.slow
             print(
                 f"  {p.name:<8} {sl.count} over {sl.over_ms:.0f} ms: {sl.first_second} in the"
-                f" first second, {sl.full_gc} during a full GC, {sl.young_gc} during young"
-                f" GCs >= 2 ms, {sl.other} other"
+                f" first second, {sl.disk_stall} during a disk stall, {sl.full_gc} during a full"
+                f" GC, {sl.young_gc} during young GCs >= 2 ms, {sl.other} other"
             )
             print("           slowest: " + slowest_text(p.quiet.slowest))
 
@@ -1198,6 +1253,7 @@ def slowest_text(slowest: Sequence[dict[str, Any]]) -> str:
     return ", ".join(
         f"{s['ms']:.0f} ms {s['kind']} at {s['t_s']:.2f} s"
         + (f" (GC {s['gc_ms']:.0f} ms)" if s["gc_ms"] else "")
+        + (" (disk stall)" if s["disk_stall"] else "")
         for s in slowest
     )
 
@@ -1213,6 +1269,19 @@ def print_gc(phases: Sequence[PhaseReport]) -> None:
                 f"  {p.name:<8} {g.full} full collections (max {g.full_max_ms:.0f} ms, total"
                 f" {g.full_total_ms:.0f} ms);"
                 f" {g.slow_young} young ones >= 2 ms (max {g.slow_young_max_ms:.0f} ms)"
+            )
+
+
+def print_disk(phases: Sequence[PhaseReport]) -> None:
+    if not any(p.disk for p in phases):
+        return
+    print("\ndisk (an fsync of 4 KiB beside the database every 20 ms, by a process of its own):")
+    for p in phases:
+        if p.disk is not None:
+            d = p.disk
+            print(
+                f"  {p.name:<8} {d.slow} flushes >= 10 ms, {d.stalls} stalls >= 50 ms"
+                f" (longest {d.max_ms:.0f} ms)"
             )
 
 
@@ -1281,6 +1350,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--no-gc-trace", action="store_true", help="do not log the server's GCs")
     p.add_argument(
+        "--no-disk-probe", action="store_true", help="do not time disk flushes beside the server"
+    )
+    p.add_argument(
         "--layout",
         choices=("split", "shared"),
         default="split",
@@ -1344,7 +1416,7 @@ class Run:
     checks: Checks = field(default_factory=Checks)
 
 
-def measure(server: Server, args: argparse.Namespace, run: Run, gc_trace: GcTrace | None) -> None:
+def measure(server: Server, args: argparse.Namespace, run: Run, tracers: Tracers) -> None:
     url, d, tenant = server.url, args.duration, args.limits.tenant
     print(f"server pid {server.pid} on {url}; limits: {args.limits}", flush=True)
     warm = run_phase(server, "warm-up", [quiet_spec(args, url, args.warmup, 0)])
@@ -1356,7 +1428,7 @@ def measure(server: Server, args: argparse.Namespace, run: Run, gc_trace: GcTrac
             specs += noisy_specs(args, url, d, number, factor)
         base = run.phases[0].quiet if run.phases else None
         slow_ms = GOAL_RATIO * base.p99_ms if base else None
-        report = phase_report(run_phase(server, name, specs), tenant, gc_trace, factor, slow_ms)
+        report = phase_report(run_phase(server, name, specs), tenant, tracers, factor, slow_ms)
         run.phases.append(report)
         print(f"  {name}: " + phase_line(report), flush=True)
     measure_cost(server, args, run)
@@ -1440,6 +1512,7 @@ def report(args: argparse.Namespace, run: Run, run_s: float) -> None:
     print_table(PHASE_COLUMNS, [phase_row(p) for p in run.phases])
     print_summary(run.phases, goal)
     print_gc(run.phases)
+    print_disk(run.phases)
     if run.cost is not None:
         print_cost(run.cost, next((p.noisy for p in run.phases if p.name == "flood"), None))
     if run.profile is not None and run.cost is not None:
@@ -1521,15 +1594,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     run = Run()
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="fieldsync-gc-") as gc_dir:
-        gc_trace = None if args.no_gc_trace else GcTrace(Path(gc_dir))
+    with (
+        tempfile.TemporaryDirectory(prefix="fieldsync-nn-") as folder,
+        contextlib.ExitStack() as stack,
+    ):
+        gc_trace = None if args.no_gc_trace else GcTrace(Path(folder))
+        probe = None if args.no_disk_probe else stack.enter_context(DiskProbe(Path(folder)))
         env = {**args.limits.env(), **(gc_trace.env() if gc_trace else {})}
         server_cpus, load_cpus = core_split(args.layout)
         os.sched_setaffinity(0, server_cpus)  # the server inherits it...
         with running_server(env=env) as server:
             os.sched_setaffinity(0, load_cpus)  # ...and the load processes this
             try:
-                measure(server, args, run, gc_trace)
+                measure(server, args, run, Tracers(gc_trace, probe))
             finally:
                 server.stop()  # a clean shutdown before the log rows are counted
             final_checks(server, args, run)
