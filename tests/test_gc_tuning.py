@@ -218,6 +218,18 @@ async def test_a_deep_collection_reclaims_frozen_cycles(policy: GcTuning) -> Non
     assert all(node.other.other is node for node in alive)
 
 
+async def test_young_collections_are_short_while_installed() -> None:
+    """A generation-1 collection after every 3 generation-0 ones, not 10: shorter pauses."""
+    before = gc.get_threshold()
+    tuning = GcTuning(GcSettings(young_per_middle=3))
+    tuning.install(asyncio.get_running_loop())
+    try:
+        assert gc.get_threshold() == (before[0], 3, before[2])
+    finally:
+        tuning.uninstall()
+    assert gc.get_threshold() == before
+
+
 async def test_a_deep_collection_is_due_when_rss_doubled(policy: GcTuning) -> None:
     assert not policy.deep_due()
     policy.deep_rss = rss_bytes() // 3  # as if the process had tripled since the last one
