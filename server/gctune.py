@@ -29,7 +29,7 @@ nothing to free, and cost every tenant's requests 60-400 ms at a time. So:
 
 4. **Short young collections.** A generation-1 collection walks what survived the
    generation-0 ones since the last: after 3 of them (`young_per_middle`) instead of
-   Python's 10. Over a noisy-neighbour bench run that took generation-1 pauses from p50
+   Python's 10. Over noisy-neighbour bench runs that took generation-1 pauses from p50
    1.5 ms, p99 6.5-6.8 ms, max 6.7-8.8 ms to 0.6, 3.4-3.7 and 4.6-5.0 ms, for the same
    total (200-221 ms against 209-237 ms); the quiet tenant's p99 there moved within the
    run-to-run spread. The generation-0 threshold stays Python's: a larger one lets more
