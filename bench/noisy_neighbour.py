@@ -1258,31 +1258,42 @@ def slowest_text(slowest: Sequence[dict[str, Any]]) -> str:
     )
 
 
+def print_by_phase(title: str, lines: Sequence[tuple[str, str]]) -> None:
+    if lines:
+        print(f"\n{title}:")
+        for name, text in lines:
+            print(f"  {name:<8} {text}")
+
+
 def print_gc(phases: Sequence[PhaseReport]) -> None:
-    if not any(p.gc for p in phases):
-        return
-    print("\nserver garbage collection (a gc.callbacks hook via sitecustomize):")
-    for p in phases:
-        if p.gc is not None:
-            g = p.gc
-            print(
-                f"  {p.name:<8} {g.full} full collections (max {g.full_max_ms:.0f} ms, total"
-                f" {g.full_total_ms:.0f} ms);"
-                f" {g.slow_young} young ones >= 2 ms (max {g.slow_young_max_ms:.0f} ms)"
+    print_by_phase(
+        "server garbage collection (a gc.callbacks hook via sitecustomize)",
+        [
+            (
+                p.name,
+                f"{g.full} full collections (max {g.full_max_ms:.0f} ms, total"
+                f" {g.full_total_ms:.0f} ms); {g.slow_young} young ones >= 2 ms"
+                f" (max {g.slow_young_max_ms:.0f} ms)",
             )
+            for p in phases
+            if (g := p.gc) is not None
+        ],
+    )
 
 
 def print_disk(phases: Sequence[PhaseReport]) -> None:
-    if not any(p.disk for p in phases):
-        return
-    print("\ndisk (an fsync of 4 KiB beside the database every 20 ms, by a process of its own):")
-    for p in phases:
-        if p.disk is not None:
-            d = p.disk
-            print(
-                f"  {p.name:<8} {d.slow} flushes >= 10 ms, {d.stalls} stalls >= 50 ms"
-                f" (longest {d.max_ms:.0f} ms)"
+    print_by_phase(
+        "disk (an fsync of 4 KiB beside the database every 20 ms, by a process of its own)",
+        [
+            (
+                p.name,
+                f"{d.slow} flushes >= 10 ms, {d.stalls} stalls >= 50 ms (longest"
+                f" {d.max_ms:.0f} ms)",
             )
+            for p in phases
+            if (d := p.disk) is not None
+        ],
+    )
 
 
 def print_cost(cost: RefusalCost, flood: FloodStats | None) -> None:
