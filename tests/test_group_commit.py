@@ -57,6 +57,52 @@ async def test_a_failed_group_runs_every_hook_before_any_caller_hears() -> None:
     await committer.close()
 
 
+async def test_a_cancelled_caller_s_batch_is_written_all_the_same() -> None:
+    release = asyncio.Event()
+    written: list[WriteBatch] = []
+
+    async def write_group(batches: Sequence[WriteBatch]) -> list[list[Position]]:
+        await release.wait()
+        written.extend(batches)
+        return [[] for _ in batches]
+
+    committer = GroupCommitter(write_group)
+    committer.start()
+    gone, stays = WriteBatch(expire_before=1.0), WriteBatch(expire_before=2.0)
+    cancelled = asyncio.create_task(committer.submit(gone))
+    await asyncio.sleep(0)
+    waiting = asyncio.create_task(committer.submit(stays))
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    release.set()
+    assert await waiting == []
+    assert written == [gone, stays]
+    await committer.close()
+
+
+async def test_a_caller_resumes_in_the_loop_pass_after_its_group_is_written() -> None:
+    """Every pass between the commit and the caller runs whatever else is ready on a busy
+    loop first."""
+    written = asyncio.Event()
+
+    async def write_group(batches: Sequence[WriteBatch]) -> list[list[Position]]:
+        written.set()
+        return [[] for _ in batches]
+
+    committer = GroupCommitter(write_group)
+    committer.start()
+    waiting = asyncio.create_task(committer.submit(WriteBatch()))
+    await written.wait()  # resumes in the pass that wakes the caller, just before it
+    passes = 0
+    while not waiting.done():
+        await asyncio.sleep(0)
+        passes += 1
+    assert passes == 1, passes  # with asyncio.shield: 2
+    await committer.close()
+
+
 async def test_other_failures_are_storage_unavailable() -> None:
     async def write_group(batches: Sequence[WriteBatch]) -> list[list[Position]]:
         raise OSError("disk gone")
