@@ -26,7 +26,12 @@ from .types import NodeId, Position, RecordKey, Seq, WriteBatch
 
 log = logging.getLogger(__name__)
 
-WriteGroup = Callable[[Sequence[WriteBatch]], Awaitable[list[list[Position]]]]
+Durable = Callable[[list[list[Position]]], None]
+# `write_group(batches, durable)`: one transaction for the group; returns each batch's
+# positions. A backend that commits on a thread of its own calls `durable(positions)` on
+# the event loop (`call_soon_threadsafe`) the moment the commit returns: the callers then
+# resume in the next loop pass, not three passes later through the awaiting coroutines.
+WriteGroup = Callable[[Sequence[WriteBatch], Durable], Awaitable[list[list[Position]]]]
 StaleRecords = Callable[[Sequence[WriteBatch]], Awaitable[set[RecordKey] | None]]
 Pending = tuple[WriteBatch, "asyncio.Future[list[Position]]"]
 
@@ -102,9 +107,19 @@ class GroupCommitter:
         return taken
 
     async def _commit(self, group: list[Pending]) -> None:
+        settled = False
+
+        def durable(positions: list[list[Position]]) -> None:
+            nonlocal settled
+            settled = True
+            _settle(group, positions)
+
         try:
-            positions = await self._write_group([batch for batch, _ in group])
+            positions = await self._write_group([batch for batch, _ in group], durable)
         except Exception as exc:  # any database failure: nobody in the group is acknowledged
+            if settled:  # the group is durable and its callers were told so: keep it
+                log.exception("a group commit failed after it was durable")
+                return
             failure = _failure(exc)
             level = logging.INFO if isinstance(failure, RecordConflict) else logging.ERROR
             log.log(level, "group commit of %d batches failed: %s", len(group), exc)
@@ -118,9 +133,8 @@ class GroupCommitter:
             if kept:
                 await self._commit(kept)
             return
-        for (_, fut), pos in zip(group, positions):
-            if not fut.done():
-                fut.set_result(pos)
+        if not settled:
+            durable(positions)
 
     def _fail_queued(self, failure: StorageUnavailable) -> None:
         while not self._queue.empty():
@@ -220,6 +234,12 @@ def _fails_with(pending: Pending, tainted: set[RecordKey], failure: StorageUnava
     tainted |= touched
     _fail(batch, fut, failure)
     return True
+
+
+def _settle(group: list[Pending], positions: list[list[Position]]) -> None:
+    for (_, fut), pos in zip(group, positions):
+        if not fut.done():  # a cancelled caller: its batch was written all the same
+            fut.set_result(pos)
 
 
 def _fail(batch: WriteBatch, fut: asyncio.Future[list[Position]], exc: BaseException) -> None:

@@ -31,7 +31,7 @@ import asyncpg  # type: ignore[import-untyped]
 
 from .base import CommitNotice, RecordConflict, StorageError, StorageUnavailable, Store
 from .chunked import converted
-from .group_commit import GroupCommitted, GroupCommitter, GroupPolicy, number_entries
+from .group_commit import Durable, GroupCommitted, GroupCommitter, GroupPolicy, number_entries
 from .postgres_schema import MIGRATION_LOCK, MIGRATIONS, SCHEMA_VERSION, SCHEMA_VERSION_TABLE
 from .types import (
     IdempotencyRow,
@@ -395,7 +395,10 @@ class PostgresStore(GroupCommitted, Store):
 
     # -- writes ------------------------------------------------------------
 
-    async def _write_group(self, batches: Sequence[WriteBatch]) -> list[list[Position]]:
+    async def _write_group(
+        self, batches: Sequence[WriteBatch], durable: Durable
+    ) -> list[list[Position]]:
+        """(Commits on the event loop: the committer settles the callers when this returns.)"""
         try:
             return await self._write_group_once(batches)
         except BaseException as exc:

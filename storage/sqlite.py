@@ -9,12 +9,13 @@ connection of its own (`sqlite_checkpoint`), not by the commit that fills it.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import itertools
 import sqlite3
 import time
 import uuid
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,7 +23,7 @@ import aiosqlite
 
 from .base import RecordConflict, StorageError, StorageUnavailable, Store
 from .chunked import converted
-from .group_commit import GroupCommitted, GroupCommitter, GroupPolicy, number_entries
+from .group_commit import Durable, GroupCommitted, GroupCommitter, GroupPolicy, number_entries
 from .sqlite_checkpoint import BACKSTOP_PAGES, EVERY_S, Checkpointer
 from .sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 from .sqlite_thread import ConnectionThread
@@ -133,13 +134,16 @@ class SQLiteStore(GroupCommitted, Store):
 
     # -- writes ------------------------------------------------------------
 
-    async def _write_group(self, batches: Sequence[WriteBatch]) -> list[list[Position]]:
+    async def _write_group(
+        self, batches: Sequence[WriteBatch], durable: Durable
+    ) -> list[list[Position]]:
         now = time.time()
         first_seq = self._next_seq
         positions, log_rows = number_entries(batches, self._node, first_seq, now)
         self._next_seq += len(log_rows)
+        committed = functools.partial(_call_on_loop, asyncio.get_running_loop(), durable, positions)
         try:
-            await self._writer.run(_write_transaction, batches, log_rows, now)
+            await self._writer.run(_write_transaction, batches, log_rows, now, committed)
         except BaseException:
             self._next_seq = first_seq
             raise
@@ -406,6 +410,7 @@ def _write_transaction(
     batches: Sequence[WriteBatch],
     log_rows: list[tuple[Any, ...]],
     now: float,
+    committed: Callable[[], None],
 ) -> None:
     """One group, on the writer's thread: all of it is committed, or none of it."""
     conn.execute("BEGIN IMMEDIATE")
@@ -415,6 +420,18 @@ def _write_transaction(
     except BaseException:
         _rollback(conn)
         raise
+    committed()
+
+
+def _call_on_loop(
+    loop: asyncio.AbstractEventLoop, fn: Durable, positions: list[list[Position]]
+) -> None:
+    """`fn(positions)` on `loop`, from the writer's thread; never raises (the group is
+    committed whatever happens here, and the committer settles it after the hop back)."""
+    try:
+        loop.call_soon_threadsafe(fn, positions)
+    except RuntimeError:  # the loop is closing
+        pass
 
 
 def _write_rows(

@@ -10,8 +10,8 @@ import pytest
 
 from storage import Store
 from storage.base import RecordConflict, StorageUnavailable
-from storage.group_commit import GroupCommitter
-from storage.types import NewEntry, NodeId, Position, RecordKey, RecordWrite, WriteBatch
+from storage.group_commit import Durable, GroupCommitter
+from storage.types import NewEntry, NodeId, Position, RecordKey, RecordWrite, Seq, WriteBatch
 from tests.conftest import StoreFactory
 
 X = RecordKey("t1", "activity", "rec-x")
@@ -34,7 +34,7 @@ async def test_a_failed_group_runs_every_hook_before_any_caller_hears() -> None:
     release = asyncio.Event()
     calls: list[str] = []
 
-    async def write_group(batches: Sequence[WriteBatch]) -> list[list[Position]]:
+    async def write_group(batches: Sequence[WriteBatch], durable: Durable) -> list[list[Position]]:
         await release.wait()
         raise RecordConflict("another node wrote first")
 
@@ -61,7 +61,7 @@ async def test_a_cancelled_caller_s_batch_is_written_all_the_same() -> None:
     release = asyncio.Event()
     written: list[WriteBatch] = []
 
-    async def write_group(batches: Sequence[WriteBatch]) -> list[list[Position]]:
+    async def write_group(batches: Sequence[WriteBatch], durable: Durable) -> list[list[Position]]:
         await release.wait()
         written.extend(batches)
         return [[] for _ in batches]
@@ -87,7 +87,7 @@ async def test_a_caller_resumes_in_the_loop_pass_after_its_group_is_written() ->
     loop first."""
     written = asyncio.Event()
 
-    async def write_group(batches: Sequence[WriteBatch]) -> list[list[Position]]:
+    async def write_group(batches: Sequence[WriteBatch], durable: Durable) -> list[list[Position]]:
         written.set()
         return [[] for _ in batches]
 
@@ -103,8 +103,43 @@ async def test_a_caller_resumes_in_the_loop_pass_after_its_group_is_written() ->
     await committer.close()
 
 
+async def test_callers_resume_once_the_group_is_durable_before_the_writer_returns() -> None:
+    """A backend that commits on its own thread says so at once (`durable`); its callers
+    do not wait for the hop back through the awaiting coroutines."""
+    returned = asyncio.Event()
+    position = Position(NodeId("node-a"), Seq(1))
+
+    async def write_group(batches: Sequence[WriteBatch], durable: Durable) -> list[list[Position]]:
+        durable([[position]])
+        await returned.wait()
+        return [[position]]
+
+    committer = GroupCommitter(write_group)
+    committer.start()
+    assert await committer.submit(WriteBatch()) == [position]
+    returned.set()
+    await committer.close()
+
+
+async def test_a_failure_after_the_group_was_durable_fails_nobody() -> None:
+    """Its callers were told the batch is written; nothing of it may be undone then."""
+    undone: list[str] = []
+    position = Position(NodeId("node-a"), Seq(1))
+
+    async def write_group(batches: Sequence[WriteBatch], durable: Durable) -> list[list[Position]]:
+        durable([[position]])
+        raise OSError("after the commit")
+
+    committer = GroupCommitter(write_group)
+    committer.start()
+    batch = WriteBatch(expire_before=1.0, on_failure=lambda: undone.append("undone"))
+    assert await committer.submit(batch) == [position]
+    assert undone == []
+    await committer.close()
+
+
 async def test_other_failures_are_storage_unavailable() -> None:
-    async def write_group(batches: Sequence[WriteBatch]) -> list[list[Position]]:
+    async def write_group(batches: Sequence[WriteBatch], durable: Durable) -> list[list[Position]]:
         raise OSError("disk gone")
 
     committer = GroupCommitter(write_group)
