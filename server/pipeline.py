@@ -52,7 +52,7 @@ from .live import LiveRecord, LiveRecords, digest
 from .merge_types import Actor, ItemResult, PushItem
 from .ownership import ClientOwners
 from .ratelimit import Buckets, Rate, RateSettings
-from .slices import SLICE_S, Slices
+from .slices import SLICE_S, SliceBudgets, Slices
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class Pipeline:
         self.compaction_due: set[RecordKey] = set()
         self.record_writes = Buckets("record", record_rate)
         self.rule_settings = rule_settings
-        self.slice_s = slice_s
+        self.slices = SliceBudgets(slice_s)
         self.turns: KeyedLocks[str] = KeyedLocks()  # tenant -> the request merging
         self.merge_retries = 0
         self.peer_entries = 0
@@ -128,11 +128,12 @@ class Pipeline:
     ) -> list[ItemResult]:
         model = get_model(domain)
         tenant = actor.principal.tenant
-        slices = Slices(self.slice_s)
+        slices = Slices(self.slices.budget(tenant))
         checked = []
         for item in items:
             await slices.pause()
             checked.append(self._check(tenant, domain, item))
+        slices.stop()
         quarantine = [c for c in checked if c.error and c.error.code == ErrorCode.MALFORMED_UPDATE]
         keys = [c.key for c in checked if c.error is None]
 
@@ -146,7 +147,10 @@ class Pipeline:
             await self._commit(merge)
             return merge.results
 
-        return await self._attempts(keys, attempt)
+        try:
+            return await self._attempts(keys, attempt)
+        finally:
+            self.slices.charge(tenant, slices.busy_s)
 
     async def _merge_in_turn(
         self,
@@ -296,20 +300,33 @@ class Pipeline:
         merge: _Merge,
     ) -> None:
         now = datetime.now(UTC)
-        for c in checked:
-            if await slices.pause():
-                _not_discarded(recs)
-            rec = recs.get(c.key)
-            try:
-                if c.error:
-                    raise c.error
-                if rec is None or rec.poisoned:
-                    raise ItemError(ErrorCode.RECORD_UNAVAILABLE, "the record is reloading; retry")
-                result = self._merge_one(actor, model, c, rec, merge, now)
-            except ItemError as exc:
-                version = rec.version if rec is not None and _visible(rec, actor) else 0
-                result = ItemResult(c.item.record_id, "error", version, error=exc)
-            merge.results.append(result)
+        slices.start()
+        try:
+            for c in checked:
+                if await slices.pause():
+                    _not_discarded(recs)
+                merge.results.append(self._merge_item(actor, model, c, recs.get(c.key), merge, now))
+        finally:
+            slices.stop()
+
+    def _merge_item(
+        self,
+        actor: Actor,
+        model: DomainModel,
+        c: _Checked,
+        rec: LiveRecord | None,
+        merge: _Merge,
+        now: datetime,
+    ) -> ItemResult:
+        try:
+            if c.error:
+                raise c.error
+            if rec is None or rec.poisoned:
+                raise ItemError(ErrorCode.RECORD_UNAVAILABLE, "the record is reloading; retry")
+            return self._merge_one(actor, model, c, rec, merge, now)
+        except ItemError as exc:
+            version = rec.version if rec is not None and _visible(rec, actor) else 0
+            return ItemResult(c.item.record_id, "error", version, error=exc)
 
     def _merge_one(
         self,

@@ -18,6 +18,7 @@ from server.keyed_locks import KeyedLocks
 from server.merge_types import Actor, PushItem
 from server.pipeline import Pipeline
 from server.services import SERVICES
+from server.slices import SliceBudgets
 from storage import RecordKey
 from storage.chunked import ROWS_PER_TURN, converted
 from storage.types import LogEntry, NodeId, Position, Seq
@@ -27,7 +28,7 @@ from tests.helpers import Api, Client, Replica
 def _pipeline(client: Client) -> Pipeline:
     assert client.app is not None
     pipeline = client.app[SERVICES].pipeline
-    pipeline.slice_s = 0.0  # hand the loop back after every item
+    pipeline.slices = SliceBudgets(0.0, 0.0)  # hand the loop back after every item
     return pipeline
 
 
