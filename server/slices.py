@@ -101,8 +101,12 @@ class SliceBudgets:
         return self._total * math.exp(-self._decay * (now - self._total_at))
 
     def _forget_idle(self, now: float) -> None:
+        """Drop tenants idle for the window, and what is left of their usage from the sum
+        (else every tenant that stopped would keep inflating the share a little)."""
         while self._used:
             tenant, (_, at) = next(iter(self._used.items()))
             if now - at < self._window:
                 return
+            self._total = max(0.0, self._decayed_total(now) - self._decayed(tenant, now))
+            self._total_at = now
             del self._used[tenant]

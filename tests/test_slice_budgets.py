@@ -84,3 +84,15 @@ async def test_a_push_charges_its_merge_time_to_its_tenant(
     assert [r["status"] for r in results] == ["created"] * 3
     assert pipeline.slices.budget("t1") == SHORT  # t1 merged more than t2 since
     assert pipeline.slices.budget("t2") == LONG
+
+
+def test_a_forgotten_tenant_s_usage_leaves_the_share() -> None:
+    clock = Clock()
+    budgets = _budgets(clock)
+    budgets.charge("gone", 1000.0)  # enough to dominate the sum for a long time
+    clock.now += 2.0 * SliceBudgets.ACTIVE_HALF_LIVES
+    budgets.charge("a", 0.02)
+    budgets.charge("b", 0.01)
+    # the share is (a + b) / 2 = 0.015, not inflated by what is left of "gone"'s 1000 s
+    assert budgets.budget("b") == LONG
+    assert budgets.budget("a") == SHORT
