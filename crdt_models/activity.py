@@ -9,7 +9,9 @@ Rules, after the shared type and meta checks:
   along that a concurrent edit hid in the merge (Yjs keeps the higher client id's
   value) is put back before the other rules run.
 - AUTOCLOSED is set by the server's own jobs only (``Origin.SERVER``), never by a
-  device or the back office.
+  device or the back office. A refused AUTOCLOSED falls back to the furthest status the
+  same merge wrote before it (updates delivered together or out of order), else to the
+  status the record had.
 - ``endtime`` is not before ``starttime``; ``expirydatetime`` is not before
   ``plandatetime`` (a task that expires before it is due would be auto-closed
   before anyone could start it: always a typo).
@@ -91,7 +93,26 @@ def autoclosed_by_server_only(
     if common.value_of(after, JOBSTATUS.name) != AUTOCLOSED:
         return []
     reason = "jobstatus AUTOCLOSED is set by the server only (when a task expires)"
+    written = _status_written_before(before, ctx)
+    if written is not None:
+        reason += f"; kept {written}, the status it wrote before it"
+        return [Correction(RULE_AUTOCLOSED, JOBSTATUS.name, AUTOCLOSED, written, reason)]
     return common.restored([common.restore(RULE_AUTOCLOSED, JOBSTATUS, before, after, reason)])
+
+
+def _status_written_before(before: RecordState | None, ctx: Context) -> str | None:
+    """The furthest status other than AUTOCLOSED this merge wrote that may follow
+    ``before``'s: delivered one update at a time, it would have been accepted before the
+    AUTOCLOSED was refused (updates that arrive together, or out of order, merge at once)."""
+    if ctx.written is None:
+        return None
+    old = common.value_of(before, JOBSTATUS.name)
+    choices = sorted(JOBSTATUSES - {AUTOCLOSED})
+    best: str | None = None
+    for value in ctx.written.for_field(JOBSTATUS.name, lambda v: v in choices, choices):
+        if FLOW.allows(old, value) and (best is None or FLOW.beats(value, best)):
+            best = str(value)
+    return best
 
 
 RULES: tuple[Rule, ...] = (

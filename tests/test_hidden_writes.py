@@ -255,3 +255,42 @@ async def test_a_step_back_delivered_before_the_step_is_refused(api: Callable[..
         await phone.client.get(f"/api/v1/records/activity/{rid}", headers=phone.headers())
     ).json()
     assert record["fields"]["jobstatus"] == "COMPLETED"
+
+
+async def test_autoclosed_delivered_before_the_status_it_replaced_falls_back_to_that_status(
+    api: Callable[..., Api],
+) -> None:
+    """ASSIGNED then AUTOCLOSED on one phone, delivered in reverse (found by the
+    convergence property test): both integrate in one merge, AUTOCLOSED is refused, and
+    ASSIGNED stays as it would have if they had arrived in order, not no status at all."""
+    phone = api(device="phone")
+    rid = str(uuid.uuid4())
+    replica_ = Replica()
+    create = replica_.set(jobdesc="fix pump")
+    await phone.push("activity", [{"record_id": rid, "bu": "bu1", "update": create}])
+    assigned = replica_.set(jobstatus="ASSIGNED")
+    closed = replica_.set(jobstatus="AUTOCLOSED")
+    results = await phone.push(
+        "activity",
+        [{"record_id": rid, "update": closed}, {"record_id": rid, "update": assigned}],
+    )
+    assert [r["status"] for r in results] == ["pending", "merged"]
+    [decision] = results[1]["decisions"]
+    assert (decision["rejected"], decision["kept"]) == ("AUTOCLOSED", "ASSIGNED")
+    record = await (
+        await phone.client.get(f"/api/v1/records/activity/{rid}", headers=phone.headers())
+    ).json()
+    assert record["fields"]["jobstatus"] == "ASSIGNED"
+
+
+def test_autoclosed_never_falls_back_to_a_step_back_written_with_it() -> None:
+    """INPROGRESS before; the phone wrote ASSIGNED then AUTOCLOSED in one update: ASSIGNED
+    would be a step back, so INPROGRESS stays."""
+    start = state(jobdesc="x", jobstatus="INPROGRESS")
+    server = replica(doc_of(start, client_id=1), 2)
+    phone = replica(server, LOW)
+    since = phone.get_state()
+    set_fields(phone, jobstatus="ASSIGNED")
+    set_fields(phone, jobstatus="AUTOCLOSED")
+    merged = merge(server, "activity", start, phone.get_update(since), ctx())
+    assert merged.repaired.fields["jobstatus"] == "INPROGRESS"
