@@ -7,6 +7,7 @@ import asyncio
 import base64
 import json
 import logging
+import math
 import os
 import resource
 import sys
@@ -205,6 +206,15 @@ def _serve_options(serve: argparse.ArgumentParser) -> None:
         "sync requests of one tenant merged at once while it is alone on the node (one while"
         " another tenant is active; the rest queue behind them)",
     )
+    _env_option(
+        serve,
+        "--rate-hold",
+        "FIELDSYNC_RATE_HOLD_S",
+        non_negative_float,
+        str(RateSettings().early_retry_hold_s),
+        "longest a 429 is held when the client asked again before its Retry-After was up"
+        " (0: never held)",
+    )
 
 
 def _env_option(
@@ -274,6 +284,16 @@ def positive_int(value: str) -> int:
     return int(value)
 
 
+def non_negative_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not (0 <= number < math.inf):
+        raise argparse.ArgumentTypeError(f"expected a number of at least 0, not {value!r}")
+    return number
+
+
 def node_id(value: str) -> str:
     if not is_valid_id(value):
         raise argparse.ArgumentTypeError(
@@ -316,6 +336,7 @@ def _serve(args: argparse.Namespace) -> None:
         args.rate_record,
         sockets_per_user=args.sockets_per_user,
         tenant_in_flight=args.tenant_merges,
+        early_retry_hold_s=args.rate_hold,
     )
     rules = RuleSettings(
         clock_skew=timedelta(seconds=args.clock_skew),

@@ -40,6 +40,11 @@ class Metrics:
             ["scope"],
             registry=r,
         )
+        self.rate_limited_held = Counter(
+            "fieldsync_rate_limited_held_total",
+            "429s held until the Retry-After the client was given before was up",
+            registry=r,
+        )
         self.open_sockets = Gauge(
             "fieldsync_open_sockets", "Open device and Yjs sockets", registry=r
         )

@@ -132,6 +132,8 @@ class RateSettings:
     preauth_sockets: int = 1000  # sockets that have not said hello yet
     tenant_in_flight: int = 8  # sync requests of one tenant being merged at once
     tenant_queue: int = 256  # of one tenant's requests waiting for a slot; past it: 429
+    early_retry_hold_s: float = 1.0  # longest a refusal of a client back too soon is held
+    max_held: int = 1000  # refusals held at once; past it they are answered at once
 
 
 class RateLimiter:
@@ -142,6 +144,7 @@ class RateLimiter:
             Buckets("user", settings.user, clock=clock),
             Buckets("tenant", settings.tenant, clock=clock),
         )
+        self.early_retries = EarlyRetries(settings.early_retry_hold_s, settings.max_held, clock)
         self._sockets: dict[tuple[str, str], int] = {}  # (tenant, device) -> open
         self._user_sockets: dict[tuple[str, str], int] = {}  # (tenant, user) -> open
 
@@ -177,6 +180,57 @@ class RateLimiter:
         _count(self._user_sockets, (tenant, user), -1)
         if device is not None:
             _count(self._sockets, (tenant, device), -1)
+
+
+class EarlyRetries:
+    """Clients that ask again before their Retry-After is up, and how long to hold their 429.
+
+    A refused client is told to retry after N seconds. One that asks again sooner (a
+    buggy retry loop, a flood) is refused again, and that answer is held until its N
+    seconds are up (at most `max_hold_s`), so a client that waits for each answer sends
+    about one refused request per Retry-After instead of one per round trip: each
+    refusal costs the server about as much CPU as a small push, and that CPU is taken
+    from every tenant. The first refusal is never held. Keyed by (tenant, user), which
+    the signed token gives (a device id is the client's choice). At most `max_held`
+    refusals wait at once, so holding cannot pile up without bound.
+    """
+
+    def __init__(
+        self,
+        max_hold_s: float,
+        max_held: int,
+        clock: Callable[[], float] = time.monotonic,
+        capacity: int = 100_000,
+    ) -> None:
+        self.max_hold_s, self.max_held = max_hold_s, max_held
+        self.held = 0
+        self._clock = clock
+        self._capacity = capacity
+        self._until: OrderedDict[tuple[str, str], float] = OrderedDict()
+
+    def hold_time(self, key: tuple[str, str], retry_after: int) -> float:
+        """Seconds to hold this refusal (0: answer now); a refusal not held starts a window."""
+        now = self._clock()
+        until = self._until.get(key)
+        if until is not None and now < until:
+            return min(until - now, self.max_hold_s) if self.held < self.max_held else 0.0
+        self._until[key] = now + retry_after
+        self._until.move_to_end(key)
+        if len(self._until) > self._capacity:
+            self._until.popitem(last=False)
+        return 0.0
+
+    async def wait_out(self, key: tuple[str, str], retry_after: int) -> bool:
+        """Hold the refusal if the client came back too soon; True if it was held."""
+        seconds = self.hold_time(key, retry_after)
+        if seconds <= 0:
+            return False
+        self.held += 1
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            self.held -= 1
+        return True
 
 
 def _count(counts: dict[tuple[str, str], int], key: tuple[str, str], step: int) -> None:

@@ -47,6 +47,18 @@ class Services:
         except Limited as exc:
             raise self.refused(exc) from None
 
+    async def limit_request(self, principal: Principal, device: str | None) -> None:
+        """`limit` for an HTTP request: the 429 of a client that came back before its
+        Retry-After was up is held until then (`EarlyRetries`). A socket's refusals are
+        never held: its other frames would wait behind them."""
+        try:
+            self.limiter.check(principal.tenant, principal.user, device)
+        except Limited as exc:
+            key = (principal.tenant, principal.user)
+            if await self.limiter.early_retries.wait_out(key, exc.retry_after):
+                self.metrics.rate_limited_held.inc()
+            raise self.refused(exc) from None
+
     @contextlib.asynccontextmanager
     async def tenant_slot(self, principal: Principal) -> AsyncIterator[None]:
         """Hold one of the tenant's merge slots while the request merges and commits."""

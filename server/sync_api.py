@@ -38,7 +38,7 @@ async def push(request: web.Request) -> web.Response:
     started = time.perf_counter()
     principal = svc.authenticate(request)
     actor = Actor(principal, device_id(request))
-    svc.limit(principal, actor.device)
+    await svc.limit_request(principal, actor.device)
     domain = domain_of(request)
     raw, body, binary = await codec.read_body(
         request, svc.config.limits.max_body_bytes, svc.config.limits.body_idle_timeout_s
@@ -132,7 +132,7 @@ def _optional_bytes(item: Mapping[str, Any], name: str, binary: bool) -> bytes |
 async def changes(request: web.Request) -> web.Response:
     svc = services(request)
     principal = svc.authenticate(request)
-    svc.limit(principal, device_id(request))
+    await svc.limit_request(principal, device_id(request))
     domain = domain_of(request)
     clock = decode_cursor(principal.tenant, domain, request.query.get("cursor"))
     limit = _limit(request, svc.config.limits.default_pull_limit, svc.config.limits.max_pull_limit)

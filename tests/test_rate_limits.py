@@ -13,7 +13,15 @@ import aiohttp
 import msgpack
 import pytest
 
-from server.ratelimit import Buckets, Limited, Rate, RateLimiter, RateSettings, TenantSlots
+from server.ratelimit import (
+    Buckets,
+    EarlyRetries,
+    Limited,
+    Rate,
+    RateLimiter,
+    RateSettings,
+    TenantSlots,
+)
 from server.sockets import CloseCode
 from tests.helpers import GENEROUS, Api, Client, Replica, ServerProcess, SocketDevice, token
 from tests.test_yjs_socket import path as yjs_path
@@ -94,6 +102,82 @@ async def test_a_tenant_flood_does_not_limit_another_tenant(make_client: MakeCli
     )
     assert resp.status == 429 and (await resp.json())["error"]["details"]["scope"] == "tenant"
     await Api(client, token("quiet"), device="q").push("activity", [item()])
+
+
+def test_only_a_refusal_asked_before_its_retry_after_is_held() -> None:
+    now = [100.0]
+    early = EarlyRetries(max_hold_s=5.0, max_held=2, clock=lambda: now[0])
+    assert early.hold_time(("t", "u"), 3) == 0  # the first refusal: answered at once
+    now[0] += 1
+    assert early.hold_time(("t", "u"), 3) == pytest.approx(2)  # back 2 s too soon
+    assert early.hold_time(("t", "other"), 3) == 0  # another user has a window of its own
+    now[0] += 2
+    assert early.hold_time(("t", "u"), 3) == 0  # its Retry-After was up: a new window
+    now[0] += 0.5
+    assert early.hold_time(("t", "u"), 3) == pytest.approx(2.5)
+
+
+def test_a_hold_is_capped_in_length_and_in_number() -> None:
+    now = [0.0]
+    early = EarlyRetries(max_hold_s=1.0, max_held=1, clock=lambda: now[0])
+    early.hold_time(("t", "u"), 3600)
+    assert early.hold_time(("t", "u"), 3600) == 1.0
+    early.held = 1  # one refusal is being held: the next is answered at once
+    assert early.hold_time(("t", "u"), 3600) == 0
+    assert EarlyRetries(0.0, 10).hold_time(("t", "u"), 5) == 0
+
+
+def test_early_retry_windows_are_bounded() -> None:
+    early = EarlyRetries(1.0, 10, capacity=3)
+    for user in "abcd":
+        early.hold_time(("t", user), 60)
+    assert early.hold_time(("t", "a"), 60) == 0  # the oldest window was dropped
+    assert early.hold_time(("t", "d"), 60) > 0
+
+
+async def test_a_client_back_before_its_retry_after_gets_its_429_late(
+    make_client: MakeClient,
+) -> None:
+    hold = 0.6
+    rates = RateSettings(Rate(1, 60), Rate(100, 60), Rate(1000, 60), early_retry_hold_s=hold)
+    client = await make_client(rates=rates)
+    dev = Api(client, token(), device="phone")
+    await dev.push("activity", [item()])
+    loop = asyncio.get_running_loop()
+
+    async def refused() -> tuple[float, aiohttp.ClientResponse]:
+        started = loop.time()
+        resp = await client.post(
+            "/api/v1/sync/activity/sync", json={"items": []}, headers=dev.headers()
+        )
+        return loop.time() - started, resp
+
+    first_s, first = await refused()
+    assert first.status == 429 and first_s < hold / 2  # the first refusal is not held
+    # back at once, ignoring Retry-After: held, while another tenant is served meanwhile
+    again = asyncio.create_task(refused())
+    await asyncio.sleep(0.05)
+    quiet_started = loop.time()
+    await Api(client, token("quiet"), device="q").push("activity", [item()])
+    assert loop.time() - quiet_started < hold / 2
+    held_s, held = await again
+    assert held.status == 429 and held_s >= hold * 0.9
+    assert held.headers["Retry-After"].isdigit() and int(held.headers["Retry-After"]) >= 1
+    assert (await held.json())["error"]["code"] == "rate_limited"
+    metrics = await (await client.get("/metrics")).text()
+    assert "fieldsync_rate_limited_held_total 1.0" in metrics
+
+
+async def test_socket_refusals_are_never_held(make_client: MakeClient) -> None:
+    rates = RateSettings(Rate(1, 60), Rate(100, 60), Rate(1000, 60), early_retry_hold_s=5.0)
+    client = await make_client(rates=rates)
+    dev = SocketDevice(await client.ws_connect("/api/v1/ws"))
+    await dev.hello(token(), "phone", ["activity"])
+    await dev.caught_up("activity")
+    assert (await dev.push(1, "activity", [item()]))["t"] == "ack"
+    for n in (2, 3):  # the second refusal comes within the first's Retry-After
+        refused = await asyncio.wait_for(dev.push(n, "activity", [item()]), 2.0)
+        assert refused["t"] == "error" and refused["code"] == "rate_limited"
 
 
 async def test_socket_pushes_over_the_limit_get_an_error_frame_and_keep_the_socket(
