@@ -20,7 +20,12 @@ under half of each: it must never see a 429. Before starting, the bench waits (a
    tenant quota from ``--noisy-procs`` processes. The offered load is spread over enough
    devices and users that each of them stays under its own device and user limit, so it is
    the *tenant* bucket that must refuse it. A noisy device resends a refused push at its next
-   slot (it ignores Retry-After: that is what makes it noisy) and moves on after a 200. Every
+   slot (it ignores Retry-After: that is what makes it noisy) and moves on after a 200. Like a
+   sync client it waits for each answer before its next slot, and the server holds the 429 of
+   a user back before its Retry-After (``FIELDSYNC_RATE_HOLD_S``; ``--rate-hold`` sets it, 0
+   turns holding off), so it sends fewer requests than it aims at: the slots it skipped
+   while waiting are counted. ``--flood-conns N`` lets each noisy device keep N requests in
+   flight, sending at every slot while fewer are unanswered (a client that does not wait). Every
    429 is checked: a ``Retry-After`` header holding a positive integer, and the JSON error
    ``{"error": {"code": "rate_limited", "message", "details": {"scope", "retry_after"}}}``
    with ``details.retry_after`` equal to the header. flood minus at-quota = what refusing
@@ -31,7 +36,8 @@ under half of each: it must never see a 429. Before starting, the bench waits (a
    Interleaved rounds compare the conditions over the same stretch of time: on a shared
    VM one 30 s baseline's p99 has come out anywhere from 7 to 15 ms on the same code.
 5. **after** (full runs): the quiet load alone again (the database and heap have grown).
-6. **429 cost**: one device of tenant ``hammer`` sends pushes (the same 10-item bodies) as fast
+6. **429 cost**, on a fresh server of its own with holding off (so the hammer's 429s come
+   back to back): one device of tenant ``hammer`` sends pushes (the same 10-item bodies) as fast
    as ``--cost-conns`` connections allow, so nearly all are refused by its device bucket;
    server CPU seconds / refused requests = CPU per 429 (the few accepted pushes are charged
    at the baseline's CPU per quiet request and subtracted). Then the same again under
@@ -62,9 +68,11 @@ Reading the output
 ------------------
 ``p50/p99 ms``: the quiet tenant's request latency (pushes and pulls together; client send to
 last byte); ``p99 1s+``: of requests sent at least 1 s into the phase. The goal is pooled flood
-p99 / pooled baseline p99 < 2. ``offered/s``: noisy requests sent per second; ``accepted/s``: of
-them answered 200; the tenant bucket lets through at most quota x seconds + its size (it starts
-full: N for ``N/second``, a whole minute's N for ``N/minute``). ``full GCs``: count and longest
+p99 / pooled baseline p99 < 2. ``q cli wait``: ms the quiet load process spent runnable but
+waiting for a core, per request (the instrument's own delay). ``offered/s``: noisy requests
+sent per second; ``accepted/s``: of them answered 200; the tenant bucket lets through at most
+quota x seconds + its size (it starts full: N for ``N/second``, a whole minute's N for
+``N/minute``). ``full GCs``: count and longest
 pause. ``srv CPU%``: share of ONE core the server used (``srv sys%``: of it, in the kernel);
 ``srv wait%``: time the server's threads were runnable but waiting for a core (the load
 generators share the machine with the server); ``cli CPU%``: all load generators; ``oth CPU%``:
@@ -120,6 +128,7 @@ from common import (
     own_cpu_seconds,
     percentiles,
     print_table,
+    proc_runqueue_seconds,
     running_server,
     summarize_profile,
 )
@@ -139,6 +148,7 @@ REQUEST_TIMEOUT_S = 30.0
 MAX_429_EXAMPLES = 3
 GOAL_RATIO = 2.0
 FLOOD_NICE = 10
+HOLD_ENV = "FIELDSYNC_RATE_HOLD_S"
 POSITIVE_INT = re.compile(r"[1-9][0-9]{0,8}")
 
 # ---------------------------------------------------------------------------------------
@@ -223,7 +233,8 @@ class LoadResult:
     bad_429: int = 0
     bad_429_examples: list[str] = field(default_factory=list)
     pulled: int = 0
-    late: int = 0  # requests sent over one interval behind schedule (the slot was skipped)
+    late: int = 0  # slots skipped: the device was still waiting for answers (or was slow)
+    runqueue_s: float = 0.0  # the process's time runnable but waiting for a core
     exhausted: int = 0  # devices that ran out of pre-generated bodies
     errors: int = 0
     first_error: str | None = None
@@ -322,10 +333,12 @@ async def drive(spec: LoadSpec, plans: list[Bodies], barrier: Any, result: LoadR
         cursor = await catch_up(sessions[0], spec) if spec.pull_every else None
         barrier.wait(timeout=600)  # blocks the loop: nothing else runs before the start
         cpu0, t0 = own_cpu_seconds(), time.perf_counter()
+        waited0 = proc_runqueue_seconds(os.getpid())
         result.t0 = t0
         await asyncio.gather(*device_tasks(spec, sessions, plans, cursor, t0, result))
         result.elapsed_s = time.perf_counter() - t0
         result.cpu_s = own_cpu_seconds() - cpu0
+        result.runqueue_s = proc_runqueue_seconds(os.getpid()) - waited0
     finally:
         for s in sessions:
             await s.close()
@@ -380,33 +393,75 @@ async def paced_device(
 ) -> None:
     """Send on a fixed schedule; a slot missed by more than an interval is skipped, not caught
     up in a burst. A push refused with 429 is resent at the next slot. A quiet device that runs
-    out of bodies stops (a failure); a noisy one starts over (re-sends are still load)."""
+    out of bodies stops (a failure); a noisy one starts over (re-sends are still load).
+
+    With one connection (`spec.connections`) a device waits for each answer before its next
+    slot, as a sync client does; with more, it sends at each slot while fewer than that many
+    of its requests are unanswered (a slot with all of them busy is skipped)."""
     interval = 1.0 / spec.rate_per_device
-    deadline, due, next_body = t0 + spec.duration_s, t0 + device.offset_s, 0
-    wrapped = False
+    deadline, due = t0 + spec.duration_s, t0 + device.offset_s
+    sender = BodySender(session, spec, device, bodies, result)
+    in_flight: set[asyncio.Task[bool]] = set()
     for n in range(spec.max_requests()):
         now = time.perf_counter()
         if due >= deadline:
-            return  # the next slot is past the end: do not idle past it
+            break  # the next slot is past the end: do not idle past it
         if due > now:
             await asyncio.sleep(due - now)
         elif now - due > interval:
-            result.late += 1
+            result.late += int((now - due) / interval)
             due = now
         due += interval
         if time.perf_counter() >= deadline:
-            return
+            break
         if spec.pull_every and n % spec.pull_every == spec.pull_every - 1:
             page = await pull_page(session, spec.url, device, cursor, result)
             cursor = page["cursor"] if page is not None else cursor
             continue
-        if next_body >= len(bodies) and not wrapped:
-            result.exhausted += 1
-            if spec.role == QUIET:
-                return
-            wrapped = True
-        if await push(session, spec.url, device, bodies[next_body % len(bodies)], result):
-            next_body += 1
+        if not sender.has_body():
+            break
+        if spec.connections == 1:
+            await sender.send()
+        elif len(in_flight) < spec.connections:
+            task = asyncio.create_task(sender.send())
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+        else:
+            result.late += 1
+    await asyncio.gather(*in_flight)
+
+
+class BodySender:
+    """A device's pushes in order: a body is resent until it is answered 200."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        spec: LoadSpec,
+        device: Device,
+        bodies: Bodies,
+        result: LoadResult,
+    ) -> None:
+        self.session, self.spec, self.device = session, spec, device
+        self.bodies, self.result = bodies, result
+        self.next_body, self.wrapped = 0, False
+
+    def has_body(self) -> bool:
+        """False when a quiet device has run out of bodies (a noisy one starts over)."""
+        if self.next_body >= len(self.bodies) and not self.wrapped:
+            self.result.exhausted += 1
+            if self.spec.role == QUIET:
+                return False
+            self.wrapped = True
+        return True
+
+    async def send(self) -> bool:
+        sent = self.next_body
+        body = self.bodies[sent % len(self.bodies)]
+        ok = await push(self.session, self.spec.url, self.device, body, self.result)
+        if ok and self.next_body == sent:
+            self.next_body += 1
+        return ok
 
 
 async def hammer_connection(
@@ -444,7 +499,8 @@ async def push(
             status, content_type = resp.status, resp.content_type
             retry_after = resp.headers.get("Retry-After")
     except (aiohttp.ClientError, TimeoutError) as exc:
-        result.fail(f"push failed: {exc!r}")
+        elapsed_s = time.perf_counter() - started
+        result.fail(f"push failed after {elapsed_s:.2f} s, {started - result.t0:.2f} s in: {exc!r}")
         return False
     elapsed_ms = (time.perf_counter() - started) * 1000
     result.count(result.http, str(status))
@@ -592,7 +648,9 @@ def noisy_specs(
             for i in range(proc * per_proc, (proc + 1) * per_proc)
         )
         nice = FLOOD_NICE if args.layout == "split" else 0
-        specs.append(LoadSpec(NOISY, url, duration, devices, rate, 0, pushes, nice=nice))
+        specs.append(
+            LoadSpec(NOISY, url, duration, devices, rate, 0, pushes, args.flood_conns, nice=nice)
+        )
     return specs
 
 
@@ -803,6 +861,7 @@ class QuietStats:
     exhausted: int
     errors: int
     first_error: str | None
+    client_wait_ms: float  # the quiet load process's run-queue wait per request
 
 
 def slowest_requests(results: Sequence[LoadResult], seen: Disturbances) -> list[dict[str, Any]]:
@@ -856,6 +915,7 @@ def quiet_stats(
         exhausted=sum(r.exhausted for r in results),
         errors=sum(r.errors for r in results),
         first_error=next((r.first_error for r in results if r.first_error), None),
+        client_wait_ms=sum(r.runqueue_s for r in results) * 1000 / max(sum(http.values()), 1),
     )
 
 
@@ -1060,12 +1120,23 @@ def step_of(frames: list[str], thread: str) -> str:
 # ---------------------------------------------------------------------------------------
 
 
+def metrics_text(server: Server) -> str:
+    with urllib.request.urlopen(server.url + "/metrics", timeout=10) as resp:
+        return str(resp.read().decode())
+
+
 def rate_limited_metric(server: Server) -> dict[str, float]:
     """The server's fieldsync_rate_limited_total by scope."""
-    with urllib.request.urlopen(server.url + "/metrics", timeout=10) as resp:
-        text = resp.read().decode()
+    text = metrics_text(server)
     found = re.findall(r'^fieldsync_rate_limited_total\{scope="(\w+)"\} ([0-9.e+]+)$', text, re.M)
     return {scope: float(value) for scope, value in found}
+
+
+def held_metric(server: Server) -> int:
+    """The server's fieldsync_rate_limited_held_total: 429s held for a client back too soon."""
+    text = metrics_text(server)
+    found = re.search(r"^fieldsync_rate_limited_held_total ([0-9.e+]+)$", text, re.M)
+    return int(float(found.group(1))) if found else 0
 
 
 @dataclass(slots=True)
@@ -1104,7 +1175,10 @@ def check_flood(name: str, n: FloodStats, checks: Checks) -> None:
     target = n.factor * n.quota_per_s
     checks.note(
         n.offered_per_s >= 0.9 * target,
-        f"{name}: the noisy tenant offered {n.offered_per_s:.0f}/s, not {target:.0f}/s",
+        f"{name}: the noisy tenant sent {n.offered_per_s:.0f}/s of the {target:.0f}/s it aimed"
+        f" at; {n.late} slots were skipped while its devices waited for answers (the server"
+        " holds the 429 of a client back before its Retry-After; --flood-conns N keeps N"
+        " requests of a device in flight)",
     )
 
 
@@ -1159,6 +1233,7 @@ PHASE_COLUMNS = (
     Column("p99 1s+", 7, ".1f"),
     Column("max ms", 7, ".1f"),
     Column("q 429", 5),
+    Column("q cli wait", 10, ".2f"),
     Column("offered/s", 9),
     Column("accepted/s", 10),
     Column("quota/s", 7),
@@ -1176,9 +1251,9 @@ PHASE_COLUMNS = (
 def phase_row(p: PhaseReport) -> tuple[Any, ...]:
     q, n = p.quiet, p.noisy
     quiet = (
-        (q.requests, q.p50_ms, q.p99_ms, q.p99_after_1s_ms, q.max_ms, q.refused)
+        (q.requests, q.p50_ms, q.p99_ms, q.p99_after_1s_ms, q.max_ms, q.refused, q.client_wait_ms)
         if q
-        else ("-",) * 6
+        else ("-",) * 7
     )
     noisy = (
         (
@@ -1446,6 +1521,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--flood-factor", type=float, default=10.0, help="noisy offered / quota")
     p.add_argument("--noisy-procs", type=int, default=3, help="noisy load processes")
     p.add_argument("--noisy-devices", type=int, default=66, help="noisy devices (2 per user)")
+    p.add_argument(
+        "--flood-conns",
+        type=int,
+        default=1,
+        help="requests a noisy device keeps in flight (1: it waits for each answer, as a sync"
+        " client does; more: it sends at every slot while fewer are unanswered)",
+    )
+    p.add_argument(
+        "--rate-hold",
+        default=None,
+        help="the server's FIELDSYNC_RATE_HOLD_S (default: the server's own default)",
+    )
     p.add_argument("--cost-duration", type=float, default=6.0, help="seconds of the 429 phase")
     p.add_argument("--cost-conns", type=int, default=16, help="connections of the hammer")
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy phase")
@@ -1481,6 +1568,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
+    if args.flood_conns < 1:
+        p.error("--flood-conns must be at least 1")
     args.noisy_devices -= args.noisy_devices % (2 * args.noisy_procs)
     try:
         args.limits = Limits.parse(args.device_limit, args.user_limit, args.tenant_limit)
@@ -1539,6 +1628,7 @@ class Run:
     profile_scopes: dict[str, int] = field(default_factory=dict)  # 429s of the py-spy phase
     warmup_acked: int = 0  # quiet items acked in the warm-up (they are in the log too)
     metric: dict[str, float] = field(default_factory=dict)
+    held: int = 0  # 429s the server held (fieldsync_rate_limited_held_total)
     logged: dict[str, int] = field(default_factory=dict)
     checks: Checks = field(default_factory=Checks)
 
@@ -1565,8 +1655,8 @@ def measure(server: Server, args: argparse.Namespace, run: Run, tracers: Tracers
             base = report.quiet
         print(f"  {name}: " + phase_line(report), flush=True)
     run.pooled = pooled_quiet(run.quiet_runs)
-    measure_cost(server, args, run)
     run.metric = rate_limited_metric(server)
+    run.held = held_metric(server)
 
 
 def phase_plan(args: argparse.Namespace) -> list[PhaseStep]:
@@ -1630,13 +1720,21 @@ def measure_cost(server: Server, args: argparse.Namespace, run: Run) -> None:
 
 
 def seen_429_by_scope(run: Run) -> dict[str, int]:
-    seen: Counter[str] = Counter(run.profile_scopes)
+    """The 429s the clients of the phases saw (not the cost phase's: another server)."""
+    seen: Counter[str] = Counter()
     for p in run.phases:
         seen.update(p.noisy.scopes if p.noisy else {})
         seen.update({"quiet": p.quiet.refused} if p.quiet and p.quiet.refused else {})
-    if run.cost is not None:
-        seen.update(run.cost.scopes)
     return dict(seen)
+
+
+def cost_checks(server: Server, run: Run) -> None:
+    """The 429 cost phases' refusals: well formed, and all counted by their server."""
+    if run.cost is None:
+        return
+    run.checks.expect(run.cost.bad_429 == 0, f"{run.cost.bad_429} malformed 429s (cost phase)")
+    seen = Counter(run.cost.scopes) + Counter(run.profile_scopes)
+    check_metrics(dict(seen), rate_limited_metric(server), run.checks)
 
 
 def acked_items(run: Run) -> dict[str, int]:
@@ -1651,8 +1749,6 @@ def acked_items(run: Run) -> dict[str, int]:
 def final_checks(server: Server, args: argparse.Namespace, run: Run) -> None:
     for p in run.phases:
         check_phase(p, run.checks)
-    if run.cost is not None:
-        run.checks.expect(run.cost.bad_429 == 0, f"{run.cost.bad_429} malformed 429s (cost phase)")
     check_metrics(seen_429_by_scope(run), run.metric, run.checks)
     run.logged = check_log_rows(server.db, acked_items(run), run.checks)
     count, first = server.log_problems()
@@ -1679,7 +1775,10 @@ def report(args: argparse.Namespace, run: Run, run_s: float) -> None:
     if run.profile is not None and run.cost is not None:
         print_profile(run.profile, run.cost.us_per_429)
     print(f"\nlog rows per tenant: {run.logged}; acked items: {acked_items(run)}")
-    print(f"fieldsync_rate_limited_total: {run.metric}; 429s seen: {seen_429_by_scope(run)}")
+    print(
+        f"fieldsync_rate_limited_total: {run.metric}; 429s seen: {seen_429_by_scope(run)};"
+        f" of them held till the Retry-After the client was given before was up: {run.held}"
+    )
     for w in run.checks.warnings:
         print(f"warning: {w}")
     for problem in run.checks.problems:
@@ -1703,6 +1802,7 @@ def results_json(
         "in_flood_us_per_429": run.in_flood_us,
         "profile": run.profile,
         "rate_limited_metric": run.metric,
+        "rate_limited_held": run.held,
         "log_rows": run.logged,
         "acked_items": acked_items(run),
         "warnings": run.checks.warnings,
@@ -1763,6 +1863,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         gc_trace = None if args.no_gc_trace else GcTrace(Path(folder))
         probe = None if args.no_disk_probe else stack.enter_context(DiskProbe(Path(folder)))
         env = {**args.limits.env(), **(gc_trace.env() if gc_trace else {})}
+        if args.rate_hold is not None:
+            env[HOLD_ENV] = args.rate_hold
         server_cpus, load_cpus = core_split(args.layout)
         os.sched_setaffinity(0, server_cpus)  # the server inherits it...
         with running_server(env=env) as server:
@@ -1772,6 +1874,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             finally:
                 server.stop()  # a clean shutdown before the log rows are counted
             final_checks(server, args, run)
+        os.sched_setaffinity(0, server_cpus)
+        with running_server(env={**env, HOLD_ENV: "0"}) as server:
+            os.sched_setaffinity(0, load_cpus)
+            measure_cost(server, args, run)
+            cost_checks(server, run)
     report(args, run, time.perf_counter() - started)
     return 1 if run.checks.problems else 0
 
