@@ -14,7 +14,8 @@ Rules, after the shared type and meta checks:
   status the record had.
 - ``endtime`` is not before ``starttime``; ``expirydatetime`` is not before
   ``plandatetime`` (a task that expires before it is due would be auto-closed
-  before anyone could start it: always a typo).
+  before anyone could start it: always a typo). A refused time goes back to the last
+  one the same merge wrote that is in order, else to the record's.
 - ``lat``/``lon`` are a place on Earth.
 """
 

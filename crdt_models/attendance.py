@@ -13,6 +13,11 @@ Rules, after the shared type and meta checks:
   (the punch time stays). ``accuracy`` is >= 0 and at most ``settings.max_accuracy_m``.
 - **Punch times.** Not later than the server's clock plus ``settings.clock_skew``;
   punch-out after punch-in.
+
+A refused punch time or ``accuracy`` (or a value of the wrong type) goes back to the
+last acceptable one the same merge wrote before it (a device's updates pushed together,
+or delivered out of order), else to the record's. A refused position always goes back
+to the record's: each field's writes are known, not which ``lat`` came with which ``lon``.
 """
 
 from __future__ import annotations
@@ -103,7 +108,18 @@ def accuracy_within_limit(
         f"accuracy {common.shown(accuracy)} m is too coarse; punches need a GPS fix"
         f" within {common.shown(limit)} m"
     )
-    return common.restored([common.restore(RULE_ACCURACY, ACCURACY, before, after, reason)])
+
+    def ok(earlier: object) -> bool:
+        return isinstance(earlier, (int, float)) and earlier <= limit
+
+    return common.restored(
+        [common.restore(RULE_ACCURACY, ACCURACY, before, after, reason, ctx, ok)]
+    )
+
+
+def punch_time_ok(value: object, ctx: Context) -> bool:
+    """What a punch time must be besides in order: not in the future."""
+    return not common.in_future(value, ctx)
 
 
 def record_locks(before: RecordState | None, after: RecordState, ctx: Context) -> list[Correction]:
@@ -132,7 +148,7 @@ RULES: tuple[Rule, ...] = (
     accuracy_within_limit,
     common.not_in_future(RULE_FUTURE, PUNCHIN),
     common.not_in_future(RULE_FUTURE, PUNCHOUT),
-    common.ordered_times(RULE_ORDER, PUNCHIN, PUNCHOUT, strict=True),
+    common.ordered_times(RULE_ORDER, PUNCHIN, PUNCHOUT, strict=True, accept=punch_time_ok),
     record_locks,
 )
 

@@ -8,6 +8,13 @@ Business rules judge *changes*: they compare ``after`` with ``before`` and refus
 change by restoring the value ``before`` had (``restore``). A value nobody changed
 is never repaired by them, so evaluating a state against itself finds nothing, and
 the server's own repairs never trigger further repairs (no ping-pong).
+
+One merge may integrate several updates of a device (queued offline and pushed
+together, or delivered out of order: the later ones wait for the one that lets them
+in). Delivered one at a time, a value the device wrote before the refused one would
+have stood when it was refused; so a refusal puts back the last value this merge
+wrote that the rule accepts, if there is one, rather than ``before``'s
+(``written_before``; ``check_types``, ``ordered_times``, ``not_in_future``).
 """
 
 from __future__ import annotations
@@ -57,7 +64,11 @@ def changed(before: RecordState | None, after: RecordState, name: str) -> bool:
 
 def time_of(state: RecordState | None, name: str) -> datetime | None:
     """A DATETIME field as an aware datetime; None if absent, null or not a valid time."""
-    raw = value_of(state, name)
+    return as_time(value_of(state, name))
+
+
+def as_time(raw: object) -> datetime | None:
+    """A DATETIME value as an aware datetime; None if null or not a valid time."""
     if not isinstance(raw, str):
         return None
     try:
@@ -102,16 +113,23 @@ def restore(
     before: RecordState | None,
     current: RecordState,
     reason: str,
+    ctx: Context | None = None,
+    ok: Callable[[object], bool] | None = None,
 ) -> Correction | None:
     """Put the field back as ``before`` had it (removed if it had no valid value there).
 
-    None when ``current`` already holds that, so a rule never re-writes a value an
+    Given ``ctx`` and ``ok`` (the values the refusing rule accepts): back to the last
+    value this merge wrote that ``ok`` accepts instead, if any (``written_before``).
+    None when ``current`` already holds the value, so a rule never re-writes a value an
     earlier rule (or nobody) changed.
     """
     name = field.name
     target = _ABSENT if before is None else before.fields.get(name, _ABSENT)
     if target is not _ABSENT and problem(field, target) is not None:
         target = _ABSENT
+    earlier = _ABSENT if ctx is None or ok is None else written_before(field, ctx, ok)
+    if earlier is not _ABSENT:
+        target, reason = earlier, f"{reason}; kept {shown(earlier)}, the value it wrote before it"
     rejected = current.fields.get(name)
     if target is _ABSENT:
         if name not in current.fields:
@@ -120,6 +138,26 @@ def restore(
     if name in current.fields and same_value(current.fields[name], target):
         return None
     return Correction(rule, name, rejected, target, reason, "set")
+
+
+def written_before(
+    field: Field, ctx: Context, ok: Callable[[object], bool] | None = None
+) -> object:
+    """The last value (not null) this merge wrote to ``field`` that is valid for it and that
+    ``ok`` accepts; ``_ABSENT`` if none (or the merge wrote through the server).
+
+    Delivered one update at a time it would have stood when a later value was refused.
+    Only a refusing rule asks (parsing the updates costs), with everything it checks in
+    ``ok``, so the value it puts back is one it would have accepted.
+    """
+    if ctx.written is None:
+        return _ABSENT
+
+    def wanted(value: object) -> bool:
+        return value is not None and problem(field, value) is None and (ok is None or ok(value))
+
+    found = ctx.written.last_for_field(field.name, wanted)
+    return found[0] if found else _ABSENT
 
 
 def restored(corrections: Iterable[Correction | None]) -> list[Correction]:
@@ -138,14 +176,15 @@ def base_rules(fields: Iterable[Field]) -> tuple[Rule, ...]:
 def check_types(fields: Iterable[Field]) -> Rule:
     """The type-check rule for a model with these fields.
 
-    Unknown field -> deleted. Wrong type or out of range -> the value ``before``
-    had, if that was valid, else deleted. (A factory, because a rule sees only
-    ``(before, after, context)`` and must know the model's fields.)
+    Unknown field -> deleted. Wrong type or out of range -> the last valid value this
+    merge wrote before it (``written_before``), else the value ``before`` had, if that
+    was valid, else deleted. (A factory, because a rule sees only ``(before, after,
+    context)`` and must know the model's fields.)
     """
     by_name = {field.name: field for field in fields}
 
     def rule(before: RecordState | None, after: RecordState, ctx: Context) -> list[Correction]:
-        found = (_check(by_name, before, name, value) for name, value in after.fields.items())
+        found = (_check(by_name, before, name, value, ctx) for name, value in after.fields.items())
         return [correction for correction in found if correction is not None]
 
     rule.__name__ = rule.__qualname__ = "check_types"
@@ -153,7 +192,11 @@ def check_types(fields: Iterable[Field]) -> Rule:
 
 
 def _check(
-    fields: Mapping[str, Field], before: RecordState | None, name: str, value: object
+    fields: Mapping[str, Field],
+    before: RecordState | None,
+    name: str,
+    value: object,
+    ctx: Context,
 ) -> Correction | None:
     field = fields.get(name)
     if field is None:
@@ -162,6 +205,10 @@ def _check(
     wrong = problem(field, value)
     if wrong is None:
         return None
+    earlier = written_before(field, ctx)
+    if earlier is not _ABSENT:
+        reason = f"{wrong}; kept {describe(earlier)}, the value it wrote before it"
+        return Correction(RULE_TYPE, name, value, earlier, reason, "set")
     previous = before.fields.get(name, _ABSENT) if before is not None else _ABSENT
     if previous is not _ABSENT and problem(field, previous) is None:
         reason = f"{wrong}; kept the previous value, {describe(previous)}"
@@ -286,18 +333,40 @@ def forward_only(rule_name: str, flow: StatusFlow) -> Rule:
     return rule
 
 
-def ordered_times(rule_name: str, first: Field, second: Field, *, strict: bool = False) -> Rule:
+def ordered_times(
+    rule_name: str,
+    first: Field,
+    second: Field,
+    *,
+    strict: bool = False,
+    accept: Callable[[object, Context], bool] | None = None,
+) -> Rule:
     """``second`` is not before ``first`` (``strict``: after it), when both are set.
 
     A change that breaks the order is refused: the later time (``second``) goes back
     first; if the order still fails, ``first`` goes back too (to ``before``'s pair,
-    which was in order). A record's times that nobody changed are left alone.
+    which was in order). Each goes back to the last time this merge wrote for it that
+    is in order (and that ``accept``, the model's other checks of these times, accepts),
+    else to ``before``'s. A record's times that nobody changed are left alone.
     """
     word = "is not after" if strict else "is before"
 
-    def in_order(state: RecordState) -> bool:
-        a, b = time_of(state, first.name), time_of(state, second.name)
+    def ordered(a_raw: object, b_raw: object) -> bool:
+        a, b = as_time(a_raw), as_time(b_raw)
         return a is None or b is None or (b > a if strict else b >= a)
+
+    def in_order(state: RecordState) -> bool:
+        return ordered(value_of(state, first.name), value_of(state, second.name))
+
+    def fits(state: RecordState, field: Field, ctx: Context) -> Callable[[object], bool]:
+        """Would ``field`` holding the value be in order with the other time of ``state``?"""
+
+        def ok(value: object) -> bool:
+            a = value if field is first else value_of(state, first.name)
+            b = value if field is second else value_of(state, second.name)
+            return ordered(a, b) and (accept is None or accept(value, ctx))
+
+        return ok
 
     def rule(before: RecordState | None, after: RecordState, ctx: Context) -> list[Correction]:
         if in_order(after):
@@ -309,7 +378,7 @@ def ordered_times(rule_name: str, first: Field, second: Field, *, strict: bool =
         for field in (second, first):
             if in_order(state) or not changed(before, after, field.name):
                 continue
-            fix = restore(rule_name, field, before, state, reason)
+            fix = restore(rule_name, field, before, state, reason, ctx, fits(state, field, ctx))
             if fix is not None:
                 found.append(fix)
                 state = apply_to_state(state, [fix])
@@ -319,20 +388,30 @@ def ordered_times(rule_name: str, first: Field, second: Field, *, strict: bool =
     return rule
 
 
+def in_future(value: object, ctx: Context) -> bool:
+    """Is ``value`` a time more than ``settings.clock_skew`` ahead of the server's clock?"""
+    moment = as_time(value)
+    return moment is not None and moment > ctx.now + ctx.settings.clock_skew
+
+
 def not_in_future(rule_name: str, field: Field) -> Rule:
-    """A changed time may be at most ``settings.clock_skew`` ahead of the server's clock."""
+    """A changed time may be at most ``settings.clock_skew`` ahead of the server's clock;
+    a later one goes back to the last time this merge wrote that is not, else ``before``'s."""
 
     def rule(before: RecordState | None, after: RecordState, ctx: Context) -> list[Correction]:
-        moment = time_of(after, field.name)
-        limit = ctx.now + ctx.settings.clock_skew
-        if moment is None or moment <= limit or not changed(before, after, field.name):
+        value = value_of(after, field.name)
+        if not in_future(value, ctx) or not changed(before, after, field.name):
             return []
         skew = ctx.settings.clock_skew
         reason = (
-            f"{field.name} {shown(value_of(after, field.name))} is in the future "
+            f"{field.name} {shown(value)} is in the future "
             f"(server time {iso_utc(ctx.now)}, allowing {_minutes(skew.total_seconds())})"
         )
-        return restored([restore(rule_name, field, before, after, reason)])
+
+        def ok(earlier: object) -> bool:
+            return not in_future(earlier, ctx)
+
+        return restored([restore(rule_name, field, before, after, reason, ctx, ok)])
 
     rule.__name__ = rule.__qualname__ = f"not_in_future_{field.name}"
     return rule

@@ -9,12 +9,17 @@ Rules, after the shared type and meta checks:
 - A permit is decided by an ``approver`` (a device or back-office user with that
   role; the server's own jobs too): only they set ``workpermit`` to APPROVED or
   REJECTED, change a decided permit, or waive a required one (to NOT_REQUIRED or
-  empty). Anyone may declare a permit required (PARTIALLY_APPROVED).
+  empty). Anyone may declare a permit required (PARTIALLY_APPROVED); for anyone else
+  it then stays required, also when the same merge (a device's updates pushed together,
+  or delivered out of order) ends with another value: delivered one at a time, the
+  declaration would have stood and that value would have been judged against it.
 - Work does not start without its permit: while ``workpermit`` is set and not
   NOT_REQUIRED, ``workstatus`` moves to INPROGRESS (or straight to COMPLETED, which
   implies it started) only if the permit is APPROVED; otherwise it goes back to its
   previous value (ASSIGNED on a record that had none).
-- ``expirydatetime`` is not before ``plandatetime``; ``lat``/``lon`` are a place on Earth.
+- ``expirydatetime`` is not before ``plandatetime`` (a refused time goes back to the last
+  one the same merge wrote that is in order, else to the record's); ``lat``/``lon`` are
+  a place on Earth.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from __future__ import annotations
 from types import MappingProxyType
 
 from crdt_models import rules_common as common
-from crdt_models.constraints import Context, Correction, Origin
+from crdt_models.constraints import Context, Correction, Origin, same_value
 from crdt_models.record import RecordState
 from crdt_models.schema import Field, FieldType, Rule, build_model
 
@@ -31,9 +36,10 @@ NAME = "work-orders"
 APPROVER = "approver"
 ASSIGNED, INPROGRESS, COMPLETED, CANCELLED = "ASSIGNED", "INPROGRESS", "COMPLETED", "CANCELLED"
 NOT_REQUIRED, APPROVED, REJECTED = "NOT_REQUIRED", "APPROVED", "REJECTED"
+PARTIALLY_APPROVED = "PARTIALLY_APPROVED"
 
 WORKSTATUSES = frozenset({ASSIGNED, INPROGRESS, COMPLETED, CANCELLED})
-WORKPERMITS = frozenset({NOT_REQUIRED, APPROVED, REJECTED, "PARTIALLY_APPROVED"})
+WORKPERMITS = frozenset({NOT_REQUIRED, APPROVED, REJECTED, PARTIALLY_APPROVED})
 DECIDED = frozenset({APPROVED, REJECTED})
 STARTED = frozenset({INPROGRESS, COMPLETED})
 
@@ -76,24 +82,37 @@ def permit_required(permit: object) -> bool:
 def permit_by_approver(
     before: RecordState | None, after: RecordState, ctx: Context
 ) -> list[Correction]:
-    """Only an approver decides (or waives) a permit."""
+    """Only an approver decides (or waives) a permit. A permit this merge declared required
+    (``declared``) is judged as the permit it had: a refused value goes back to it."""
     name = WORKPERMIT.name
-    if (
-        ctx.origin is Origin.SERVER
-        or ctx.has_role(APPROVER)
-        or not common.changed(before, after, name)
-    ):
+    if ctx.origin is Origin.SERVER or ctx.has_role(APPROVER):
         return []
     old, new = common.value_of(before, name), common.value_of(after, name)
+    was = PARTIALLY_APPROVED if declared(old, ctx) else old
+    if same_value(was, new):
+        return []
     if new in DECIDED:
         reason = f"only an approver can set workpermit to {new}"
     elif old in DECIDED:
         reason = f"workpermit {old} was decided by an approver; only an approver can change it"
-    elif permit_required(old) and not permit_required(new):
-        reason = f"only an approver can waive a required permit ({old} -> {common.shown(new)})"
+    elif permit_required(was) and not permit_required(new):
+        reason = f"only an approver can waive a required permit ({was} -> {common.shown(new)})"
     else:
         return []
+    if was != old:
+        reason += f"; kept {was}, which it declared before"
+        return [Correction(RULE_APPROVER, name, new, was, reason)]
     return common.restored([common.restore(RULE_APPROVER, WORKPERMIT, before, after, reason)])
+
+
+def declared(old: object, ctx: Context) -> bool:
+    """Did this merge declare a permit required (PARTIALLY_APPROVED) over ``old``, one not
+    required? Anyone may, so delivered one update at a time the declaration would have
+    stood, and a later value would have been judged against it."""
+    if ctx.written is None or permit_required(old):
+        return False
+    words = (PARTIALLY_APPROVED,)
+    return bool(ctx.written.for_field(WORKPERMIT.name, lambda v: v in words, words))
 
 
 def no_start_without_permit(

@@ -6,7 +6,10 @@ moment it arrives. For most fields that is the answer everyone expects. For a st
 that only moves forward or an escalation level it is a lost edit: a COMPLETED hidden
 behind a concurrent INPROGRESS moves the task back on the phone that completed it,
 and an escalation hidden behind a lower level is never seen. Rules ask
-:class:`WrittenValues` for such values (``rules_common.keep_hidden_advance``).
+:class:`WrittenValues` for such values (``rules_common.keep_hidden_advance``), and a
+rule that refuses a value asks it for the last acceptable one the device wrote before
+it in the same merge (``rules_common.written_before``): delivered one update at a time,
+that one would have stood.
 
 Reading them costs a parse of the merged updates; finding which field a write went
 to needs the doc's items (:class:`DocPlaces`): parsed only when a written value would
@@ -77,9 +80,19 @@ class WrittenValues:
         """
         if spelled is not None and not self._mention(spelled):
             return []
+        return [item.value for item in self._items_of(name, wanted)]
+
+    def last_for_field(self, name: str, wanted: Callable[[object], bool]) -> list[object]:
+        """The last value written to ``fields[name]`` that ``wanted`` accepts (a list of one,
+        or empty), by the order it was written, not the order the updates came in: a writer's
+        writes by clock (writers by client id, as Yjs orders concurrent ones)."""
+        items = sorted(self._items_of(name, wanted), key=lambda item: (item.client, item.clock))
+        return [items[-1].value] if items else []
+
+    def _items_of(self, name: str, wanted: Callable[[object], bool]) -> list[Item]:
         try:
             candidates = [item for item in self._new_items() if wanted(item.value)]
-            return [item.value for item in candidates if self._place(item) == (FIELDS_ROOT, name)]
+            return [item for item in candidates if self._place(item) == (FIELDS_ROOT, name)]
         except _UNREADABLE:
             return []  # the gate passed these bytes; if this reader cannot, rules see none
 

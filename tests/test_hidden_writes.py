@@ -171,6 +171,18 @@ def test_hidden_work_start_without_an_approved_permit_is_not_brought_back() -> N
     assert two.repaired.fields["workstatus"] == "ASSIGNED"
 
 
+def test_a_permit_declared_required_is_not_lost_to_a_concurrent_not_required() -> None:
+    _, two = race(
+        "work-orders",
+        state(description="valve", workstatus="ASSIGNED"),
+        {"workpermit": "NOT_REQUIRED"},
+        {"workpermit": "PARTIALLY_APPROVED", "workstatus": "INPROGRESS"},
+    )
+    assert two.after.fields["workpermit"] == "NOT_REQUIRED"  # what Yjs alone leaves
+    assert two.repaired.fields["workpermit"] == "PARTIALLY_APPROVED"
+    assert two.repaired.fields["workstatus"] == "ASSIGNED"
+
+
 def test_a_hidden_escalation_is_kept_with_its_history() -> None:
     _, two = race(
         "helpdesk",
@@ -294,3 +306,52 @@ def test_autoclosed_never_falls_back_to_a_step_back_written_with_it() -> None:
     set_fields(phone, jobstatus="AUTOCLOSED")
     merged = merge(server, "activity", start, phone.get_update(since), ctx())
     assert merged.repaired.fields["jobstatus"] == "INPROGRESS"
+
+
+async def test_a_permit_declared_before_a_refused_approval_stays_required(
+    api: Callable[..., Api],
+) -> None:
+    """A phone without the approver role declares a permit required, then sets it APPROVED
+    and starts the work; delivered in reverse, both merge at once. Delivered in order, the
+    approval and the start would have been refused with the permit still required: so they
+    are now, and the permit does not vanish (which would have let the work start)."""
+    phone = api(device="phone")
+    rid = str(uuid.uuid4())
+    replica_ = Replica()
+    create = replica_.set(description="replace valve", workstatus="ASSIGNED")
+    await phone.push("work-orders", [{"record_id": rid, "bu": "bu1", "update": create}])
+    declared = replica_.set(workpermit="PARTIALLY_APPROVED")
+    started = replica_.set(workpermit="APPROVED", workstatus="INPROGRESS")
+    results = await phone.push(
+        "work-orders",
+        [{"record_id": rid, "update": started}, {"record_id": rid, "update": declared}],
+    )
+    assert [r["status"] for r in results] == ["pending", "merged"]
+    record = await (
+        await phone.client.get(f"/api/v1/records/work-orders/{rid}", headers=phone.headers())
+    ).json()
+    fields = record["fields"]
+    assert (fields["workpermit"], fields["workstatus"]) == ("PARTIALLY_APPROVED", "ASSIGNED")
+
+
+async def test_a_punch_in_edited_into_the_future_keeps_the_punch_in_written_before(
+    api: Callable[..., Api],
+) -> None:
+    """Punch-in, then an edit to a time far in the future, delivered in reverse: the
+    punch-in stays as it would have if they had arrived in order, not no punch-in."""
+    phone = api(device="phone")
+    rid = str(uuid.uuid4())
+    replica_ = Replica()
+    create = replica_.set(people="p1")
+    await phone.push("attendance", [{"record_id": rid, "bu": "bu1", "update": create}])
+    punched = replica_.set(punchintime="2024-05-01T09:00:00.000Z")
+    edited = replica_.set(punchintime="2999-01-01T09:00:00.000Z")
+    results = await phone.push(
+        "attendance",
+        [{"record_id": rid, "update": edited}, {"record_id": rid, "update": punched}],
+    )
+    assert [r["status"] for r in results] == ["pending", "merged"]
+    record = await (
+        await phone.client.get(f"/api/v1/records/attendance/{rid}", headers=phone.headers())
+    ).json()
+    assert record["fields"]["punchintime"] == "2024-05-01T09:00:00.000Z"

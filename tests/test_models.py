@@ -21,6 +21,7 @@ from crdt_models.constraints import Context, Correction, Origin
 from crdt_models.record import NonScalar, RecordState
 from crdt_models.rules_common import RULE_TYPE, RULE_UNKNOWN_FIELD
 from crdt_models.schema import DomainModel, Field, FieldType, Rule, build_model
+from tests import test_rules_support as support
 
 STR, INT, NUM, BOOL = FieldType.STRING, FieldType.INT, FieldType.NUMBER, FieldType.BOOL
 DTM, DATE, ENUM, REF = FieldType.DATETIME, FieldType.DATE, FieldType.ENUM, FieldType.REF
@@ -355,6 +356,23 @@ def test_wrong_type_restores_the_valid_before_value() -> None:
 def test_wrong_type_without_a_valid_before_value_is_deleted(before: RecordState | None) -> None:
     fix = only(check("activity", state(gracetime=True), before=before))
     assert (fix.rule, fix.action, fix.kept, fix.rejected) == (RULE_TYPE, "delete", None, True)
+
+
+def test_wrong_type_falls_back_to_the_valid_value_the_same_merge_wrote_before_it() -> None:
+    """gracetime 10, then "15m", from one phone, merged at once: delivered in order 10
+    would have stood when "15m" was refused, so 10 stays (not the record's 5)."""
+    before = state(jobdesc="x", gracetime=5)
+    writes: list[dict[str, object]] = [{"gracetime": 10}, {"gracetime": "15m"}]
+    done = support.merged_at_once("activity", before, writes, support.DEVICE)
+    fix = only(done.corrections)
+    assert (fix.rule, fix.rejected, fix.kept, fix.action) == (RULE_TYPE, "15m", 10, "set")
+    assert done.repaired.fields["gracetime"] == 10
+
+
+def test_wrong_type_never_falls_back_to_another_wrong_value() -> None:
+    writes: list[dict[str, object]] = [{"gracetime": -3}, {"gracetime": "15m"}]
+    done = support.merged_at_once("activity", state(jobdesc="x"), writes, support.DEVICE)
+    assert "gracetime" not in done.repaired.fields
 
 
 def test_null_before_value_is_restored_as_null() -> None:

@@ -15,6 +15,7 @@ from tests.test_rules_support import (
     by_field,
     ctx,
     evaluate,
+    merged_at_once,
     repaired,
     state,
 )
@@ -161,3 +162,13 @@ def test_a_repair_writes_the_decision_format() -> None:
         "kept": "COMPLETED",
         "reason": "jobstatus COMPLETED is final; it cannot change to ASSIGNED",
     }
+
+
+def test_an_end_before_the_start_falls_back_to_the_end_the_same_merge_wrote_before_it() -> None:
+    """endtime set, then edited to before starttime, merged at once: the first endtime
+    stays (delivered in order it would have), the task does not lose its end."""
+    before = state(jobdesc="x", starttime=at(-60))
+    writes = [{"endtime": at(-10)}, {"endtime": at(-100)}]
+    done = merged_at_once("activity", before, writes, DEVICE)
+    fix = by_field(done.corrections)["endtime"]
+    assert (fix.rule, fix.rejected, fix.kept) == (activity.RULE_END, at(-100), at(-10))

@@ -26,6 +26,7 @@ from tests.test_rules_support import (
     edit,
     evaluate,
     merge,
+    merged_at_once,
     replica,
     state,
 )
@@ -241,3 +242,44 @@ def test_back_office_correction_then_a_late_device_update() -> None:
 def test_the_site_geofence_is_what_the_context_says() -> None:
     assert ctx().geofence == SITE and ctx(bu="x").geofence is None
     assert ctx(bu=BU, settings=RuleSettings()).geofence is None
+
+
+# --- several updates of one phone in one merge ------------------------------------
+
+
+def test_a_refused_punch_time_falls_back_to_the_one_the_same_merge_wrote_before_it() -> None:
+    """Punch-in, then an edit to a time in the future, merged at once: delivered in order
+    the first would have stood, so the record keeps it rather than losing its punch-in."""
+    done = merged_at_once(
+        "attendance",
+        state(people="p1"),
+        [{"punchintime": at(-60)}, {"punchintime": at(60)}],
+        DEVICE,
+    )
+    assert done.repaired.fields.get("punchintime") == at(-60)
+    fix = by_field(done.corrections)["punchintime"]
+    assert (fix.rule, fix.rejected, fix.kept) == (att.RULE_FUTURE, at(60), at(-60))
+
+
+def test_a_refused_punch_out_falls_back_to_the_one_the_same_merge_wrote_before_it() -> None:
+    before = state(people="p1", punchintime=at(-120))
+    writes = [{"punchouttime": at(-10)}, {"punchouttime": at(-200)}]
+    done = merged_at_once("attendance", before, writes, DEVICE)
+    assert done.repaired.fields.get("punchouttime") == at(-10)
+    assert by_field(done.corrections)["punchouttime"].rule == att.RULE_ORDER
+
+
+def test_a_punch_out_never_falls_back_to_a_time_in_the_future() -> None:
+    before = state(people="p1", punchintime=at(-120))
+    writes = [{"punchouttime": at(60)}, {"punchouttime": at(-200)}]
+    done = merged_at_once("attendance", before, writes, DEVICE)
+    assert "punchouttime" not in done.repaired.fields
+
+
+def test_a_refused_accuracy_falls_back_to_the_one_the_same_merge_wrote_before_it() -> None:
+    """Punch-in with a good fix, punch-out with a coarse one, merged at once: the punch-in's
+    accuracy stays, as it would have had they arrived one at a time."""
+    writes = [{"punchintime": at(-60), "accuracy": 10}, {"punchouttime": at(-5), "accuracy": 500}]
+    done = merged_at_once("attendance", state(people="p1"), writes, DEVICE)
+    assert done.repaired.fields.get("accuracy") == 10
+    assert done.repaired.fields.get("punchouttime") == at(-5)

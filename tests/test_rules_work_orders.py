@@ -15,6 +15,7 @@ from tests.test_rules_support import (
     by_field,
     ctx,
     evaluate,
+    merged_at_once,
     repaired,
     state,
 )
@@ -162,3 +163,51 @@ def test_decision_for_a_refused_start() -> None:
         "kept": "ASSIGNED",
         "reason": "work cannot start (INPROGRESS) while its permit is REJECTED, not APPROVED",
     }
+
+
+# --- several updates of one phone in one merge ------------------------------------
+
+
+def test_a_permit_declared_before_a_refused_approval_stays_required() -> None:
+    """The phone declared the permit required, then set it APPROVED and started: delivered
+    in order the approval is refused and PARTIALLY_APPROVED stays, so the start is refused
+    too. Merged at once, the permit must not fall back to none (and let the work start)."""
+    before = state(description="x", workstatus="ASSIGNED")
+    writes = [
+        {"workpermit": "PARTIALLY_APPROVED"},
+        {"workpermit": "APPROVED", "workstatus": "INPROGRESS"},
+    ]
+    done = merged_at_once("work-orders", before, writes, DEVICE)
+    assert done.repaired.fields["workpermit"] == "PARTIALLY_APPROVED"
+    assert done.repaired.fields["workstatus"] == "ASSIGNED"
+    fix = by_field(done.corrections)["workpermit"]
+    assert (fix.rule, fix.rejected, fix.kept) == (
+        wo.RULE_APPROVER,
+        "APPROVED",
+        "PARTIALLY_APPROVED",
+    )
+
+
+def test_a_permit_declared_then_waived_by_a_non_approver_stays_required() -> None:
+    before = state(description="x", workstatus="ASSIGNED", workpermit="NOT_REQUIRED")
+    writes = [
+        {"workpermit": "PARTIALLY_APPROVED"},
+        {"workpermit": "NOT_REQUIRED", "workstatus": "INPROGRESS"},
+    ]
+    done = merged_at_once("work-orders", before, writes, DEVICE)
+    assert done.repaired.fields["workpermit"] == "PARTIALLY_APPROVED"
+    assert done.repaired.fields["workstatus"] == "ASSIGNED"
+
+
+def test_a_decided_permit_does_not_fall_back_to_a_declaration_written_with_it() -> None:
+    before = state(description="x", workstatus="ASSIGNED", workpermit="APPROVED")
+    writes = [{"workpermit": "PARTIALLY_APPROVED"}, {"workpermit": "REJECTED"}]
+    done = merged_at_once("work-orders", before, writes, DEVICE)
+    assert done.repaired.fields["workpermit"] == "APPROVED"
+
+
+def test_an_approver_may_still_waive_a_permit_declared_in_the_same_merge() -> None:
+    before = state(description="x", workstatus="ASSIGNED")
+    writes = [{"workpermit": "PARTIALLY_APPROVED"}, {"workpermit": "NOT_REQUIRED"}]
+    done = merged_at_once("work-orders", before, writes, APPROVER_DEVICE)
+    assert done.corrections == [] and done.repaired.fields["workpermit"] == "NOT_REQUIRED"
