@@ -134,6 +134,7 @@ class RateSettings:
     tenant_queue: int = 256  # of one tenant's requests waiting for a slot; past it: 429
     early_retry_hold_s: float = 1.0  # longest a refusal of a client back too soon is held
     max_held: int = 1000  # refusals held at once; past it they are answered at once
+    max_held_per_user: int = 4  # of one user's; past it they are answered at once
 
 
 class RateLimiter:
@@ -144,7 +145,9 @@ class RateLimiter:
             Buckets("user", settings.user, clock=clock),
             Buckets("tenant", settings.tenant, clock=clock),
         )
-        self.early_retries = EarlyRetries(settings.early_retry_hold_s, settings.max_held, clock)
+        self.early_retries = EarlyRetries(
+            settings.early_retry_hold_s, settings.max_held, settings.max_held_per_user, clock
+        )
         self._sockets: dict[tuple[str, str], int] = {}  # (tenant, device) -> open
         self._user_sockets: dict[tuple[str, str], int] = {}  # (tenant, user) -> open
 
@@ -191,19 +194,27 @@ class EarlyRetries:
     about one refused request per Retry-After instead of one per round trip: each
     refusal costs the server about as much CPU as a small push, and that CPU is taken
     from every tenant. The first refusal is never held. Keyed by (tenant, user), which
-    the signed token gives (a device id is the client's choice). At most `max_held`
-    refusals wait at once, so holding cannot pile up without bound.
+    the signed token gives (a device id is the client's choice).
+
+    At most `max_held` refusals wait at once, and `max_held_per_user` of one user's: a
+    sync client has a request or two in flight per device, while a client that keeps
+    many in flight sends its next at once whatever we hold, so holding more of its
+    requests would save nothing and keep more of them in memory (a held request is an
+    aiohttp request, its task and frames, walked by every young garbage collection).
     """
 
     def __init__(
         self,
         max_hold_s: float,
         max_held: int,
+        max_held_per_user: int = 4,
         clock: Callable[[], float] = time.monotonic,
         capacity: int = 100_000,
     ) -> None:
         self.max_hold_s, self.max_held = max_hold_s, max_held
+        self.max_held_per_user = max_held_per_user
         self.held = 0
+        self._held_by: dict[tuple[str, str], int] = {}
         self._clock = clock
         self._capacity = capacity
         self._until: OrderedDict[tuple[str, str], float] = OrderedDict()
@@ -213,7 +224,10 @@ class EarlyRetries:
         now = self._clock()
         until = self._until.get(key)
         if until is not None and now < until:
-            return min(until - now, self.max_hold_s) if self.held < self.max_held else 0.0
+            full = self.held >= self.max_held
+            if full or self._held_by.get(key, 0) >= self.max_held_per_user:
+                return 0.0
+            return min(until - now, self.max_hold_s)
         self._until[key] = now + retry_after
         self._until.move_to_end(key)
         if len(self._until) > self._capacity:
@@ -226,10 +240,12 @@ class EarlyRetries:
         if seconds <= 0:
             return False
         self.held += 1
+        _count(self._held_by, key, 1)
         try:
             await asyncio.sleep(seconds)
         finally:
             self.held -= 1
+            _count(self._held_by, key, -1)
         return True
 
 

@@ -127,6 +127,19 @@ def test_a_hold_is_capped_in_length_and_in_number() -> None:
     assert EarlyRetries(0.0, 10).hold_time(("t", "u"), 5) == 0
 
 
+async def test_a_user_has_a_bounded_number_of_refusals_held() -> None:
+    early = EarlyRetries(max_hold_s=0.3, max_held=100, max_held_per_user=2)
+    user, other = ("t", "u"), ("t", "other")
+    early.hold_time(user, 60)
+    early.hold_time(other, 60)
+    held = [asyncio.create_task(early.wait_out(user, 60)) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    assert early.hold_time(user, 60) == 0  # two of the user's are held: answered at once
+    assert early.hold_time(other, 60) > 0  # another user's are still held
+    assert await asyncio.gather(*held) == [True, True]
+    assert early.held == 0 and early.hold_time(user, 60) > 0  # released: held again
+
+
 def test_early_retry_windows_are_bounded() -> None:
     early = EarlyRetries(1.0, 10, capacity=3)
     for user in "abcd":
