@@ -247,26 +247,37 @@ async def test_phones_that_raced_on_a_status_all_end_completed(api: Callable[...
     assert low.state()["jobstatus"] == high.state()["jobstatus"] == "COMPLETED"
 
 
+async def pushed_in_reverse(
+    phone: Api, domain: str, create: Mapping[str, object], *writes: Mapping[str, object]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Create a record, make `writes` on one replica (an update each) and push them in
+    reverse order in one request: the later ones wait for the first, and all integrate in
+    one merge. The results (the first pending, the last merged) and the record's fields."""
+    rid = str(uuid.uuid4())
+    replica_ = Replica()
+    await phone.push(domain, [{"record_id": rid, "bu": "bu1", "update": replica_.set(**create)}])
+    updates = [replica_.set(**values) for values in writes]
+    results = await phone.push(
+        domain, [{"record_id": rid, "update": update} for update in reversed(updates)]
+    )
+    assert [r["status"] for r in results] == ["pending"] * (len(writes) - 1) + ["merged"]
+    path = f"/api/v1/records/{domain}/{rid}"
+    record = await (await phone.client.get(path, headers=phone.headers())).json()
+    return results, record["fields"]
+
+
 async def test_a_step_back_delivered_before_the_step_is_refused(api: Callable[..., Api]) -> None:
     """COMPLETED then INPROGRESS on one phone, delivered in reverse: the second waits
     for the first, both integrate in one merge, and COMPLETED stays as it would have
     if they had arrived in order."""
-    phone = api(device="phone")
-    rid = str(uuid.uuid4())
-    replica_ = Replica()
-    create = replica_.set(jobdesc="fix pump", jobstatus="ASSIGNED")
-    await phone.push("activity", [{"record_id": rid, "bu": "bu1", "update": create}])
-    completed = replica_.set(jobstatus="COMPLETED")
-    step_back = replica_.set(jobstatus="INPROGRESS")
-    results = await phone.push(
+    _, fields = await pushed_in_reverse(
+        api(device="phone"),
         "activity",
-        [{"record_id": rid, "update": step_back}, {"record_id": rid, "update": completed}],
+        {"jobdesc": "fix pump", "jobstatus": "ASSIGNED"},
+        {"jobstatus": "COMPLETED"},
+        {"jobstatus": "INPROGRESS"},
     )
-    assert [r["status"] for r in results] == ["pending", "merged"]
-    record = await (
-        await phone.client.get(f"/api/v1/records/activity/{rid}", headers=phone.headers())
-    ).json()
-    assert record["fields"]["jobstatus"] == "COMPLETED"
+    assert fields["jobstatus"] == "COMPLETED"
 
 
 async def test_autoclosed_delivered_before_the_status_it_replaced_falls_back_to_that_status(
@@ -275,24 +286,16 @@ async def test_autoclosed_delivered_before_the_status_it_replaced_falls_back_to_
     """ASSIGNED then AUTOCLOSED on one phone, delivered in reverse (found by the
     convergence property test): both integrate in one merge, AUTOCLOSED is refused, and
     ASSIGNED stays as it would have if they had arrived in order, not no status at all."""
-    phone = api(device="phone")
-    rid = str(uuid.uuid4())
-    replica_ = Replica()
-    create = replica_.set(jobdesc="fix pump")
-    await phone.push("activity", [{"record_id": rid, "bu": "bu1", "update": create}])
-    assigned = replica_.set(jobstatus="ASSIGNED")
-    closed = replica_.set(jobstatus="AUTOCLOSED")
-    results = await phone.push(
+    results, fields = await pushed_in_reverse(
+        api(device="phone"),
         "activity",
-        [{"record_id": rid, "update": closed}, {"record_id": rid, "update": assigned}],
+        {"jobdesc": "fix pump"},
+        {"jobstatus": "ASSIGNED"},
+        {"jobstatus": "AUTOCLOSED"},
     )
-    assert [r["status"] for r in results] == ["pending", "merged"]
     [decision] = results[1]["decisions"]
     assert (decision["rejected"], decision["kept"]) == ("AUTOCLOSED", "ASSIGNED")
-    record = await (
-        await phone.client.get(f"/api/v1/records/activity/{rid}", headers=phone.headers())
-    ).json()
-    assert record["fields"]["jobstatus"] == "ASSIGNED"
+    assert fields["jobstatus"] == "ASSIGNED"
 
 
 def test_autoclosed_never_falls_back_to_a_step_back_written_with_it() -> None:
@@ -315,22 +318,13 @@ async def test_a_permit_declared_before_a_refused_approval_stays_required(
     and starts the work; delivered in reverse, both merge at once. Delivered in order, the
     approval and the start would have been refused with the permit still required: so they
     are now, and the permit does not vanish (which would have let the work start)."""
-    phone = api(device="phone")
-    rid = str(uuid.uuid4())
-    replica_ = Replica()
-    create = replica_.set(description="replace valve", workstatus="ASSIGNED")
-    await phone.push("work-orders", [{"record_id": rid, "bu": "bu1", "update": create}])
-    declared = replica_.set(workpermit="PARTIALLY_APPROVED")
-    started = replica_.set(workpermit="APPROVED", workstatus="INPROGRESS")
-    results = await phone.push(
+    _, fields = await pushed_in_reverse(
+        api(device="phone"),
         "work-orders",
-        [{"record_id": rid, "update": started}, {"record_id": rid, "update": declared}],
+        {"description": "replace valve", "workstatus": "ASSIGNED"},
+        {"workpermit": "PARTIALLY_APPROVED"},
+        {"workpermit": "APPROVED", "workstatus": "INPROGRESS"},
     )
-    assert [r["status"] for r in results] == ["pending", "merged"]
-    record = await (
-        await phone.client.get(f"/api/v1/records/work-orders/{rid}", headers=phone.headers())
-    ).json()
-    fields = record["fields"]
     assert (fields["workpermit"], fields["workstatus"]) == ("PARTIALLY_APPROVED", "ASSIGNED")
 
 
@@ -339,19 +333,11 @@ async def test_a_punch_in_edited_into_the_future_keeps_the_punch_in_written_befo
 ) -> None:
     """Punch-in, then an edit to a time far in the future, delivered in reverse: the
     punch-in stays as it would have if they had arrived in order, not no punch-in."""
-    phone = api(device="phone")
-    rid = str(uuid.uuid4())
-    replica_ = Replica()
-    create = replica_.set(people="p1")
-    await phone.push("attendance", [{"record_id": rid, "bu": "bu1", "update": create}])
-    punched = replica_.set(punchintime="2024-05-01T09:00:00.000Z")
-    edited = replica_.set(punchintime="2999-01-01T09:00:00.000Z")
-    results = await phone.push(
+    _, fields = await pushed_in_reverse(
+        api(device="phone"),
         "attendance",
-        [{"record_id": rid, "update": edited}, {"record_id": rid, "update": punched}],
+        {"people": "p1"},
+        {"punchintime": "2024-05-01T09:00:00.000Z"},
+        {"punchintime": "2999-01-01T09:00:00.000Z"},
     )
-    assert [r["status"] for r in results] == ["pending", "merged"]
-    record = await (
-        await phone.client.get(f"/api/v1/records/attendance/{rid}", headers=phone.headers())
-    ).json()
-    assert record["fields"]["punchintime"] == "2024-05-01T09:00:00.000Z"
+    assert fields["punchintime"] == "2024-05-01T09:00:00.000Z"
