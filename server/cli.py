@@ -245,9 +245,25 @@ def _env_option(
 def _db_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--db",
+        type=db_spec,
         default=os.environ.get("FIELDSYNC_DB", DEFAULT_DB),
-        help="SQLite file path (default ./fieldsync.db) or postgresql:// URL",
+        help="SQLite file path (default ./fieldsync.db; sqlite:///PATH also works) or"
+        " postgresql:// URL",
     )
+
+
+def db_spec(value: str) -> str:
+    """A PostgreSQL URL as it is; a SQLite file as its path (``sqlite:///PATH`` as the
+    SQLAlchemy form means: ``sqlite:////abs/file.db`` is ``/abs/file.db``)."""
+    if value.startswith(("postgres://", "postgresql://")):
+        return value
+    if value.startswith("sqlite:///") and len(value) > len("sqlite:///"):
+        return value[len("sqlite:///") :]
+    if "://" in value:
+        raise argparse.ArgumentTypeError(
+            f"--db is a SQLite file path, sqlite:///PATH or a postgresql:// URL, not {value!r}"
+        )
+    return value
 
 
 def _split(value: str) -> list[str]:

@@ -31,6 +31,8 @@ def _serve(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProces
         ((), {"FIELDSYNC_TENANT_MERGES": "-3"}, "--tenant-merges: expected a whole number"),
         ((), {"FIELDSYNC_RATE_DEVICE": "lots"}, "--rate-device: a rate is N/second"),
         (("--node-id", "node 1"), {}, "--node-id: a node id is"),
+        (("--rate-hold", "-1"), {}, "--rate-hold: expected a number of at least 0"),
+        ((), {"FIELDSYNC_RATE_HOLD_S": "nan"}, "--rate-hold: expected a number of at least 0"),
     ],
 )
 def test_bad_settings_are_one_line_errors(
@@ -40,6 +42,36 @@ def test_bad_settings_are_one_line_errors(
     assert done.returncode == 2
     assert says in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "x.db").exists()
+
+
+@pytest.mark.parametrize("db", ["sqlite://x.db", "mysql://u@h/db", "file:///tmp/x.db"])
+def test_a_database_url_of_another_kind_is_refused(tmp_path: Path, db: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "server", "serve", "--db", db],
+        cwd=tmp_path,
+        env={**os.environ, "FIELDSYNC_JWT_SECRET": SECRET, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--db is a SQLite file path, sqlite:///PATH or a postgresql:// URL" in done.stderr
+    assert list(tmp_path.iterdir()) == []  # no "sqlite:" folder, no database file
+
+
+def test_a_sqlite_url_names_the_file(tmp_path: Path) -> None:
+    db = tmp_path / "x.db"
+    done = subprocess.run(
+        [sys.executable, "-m", "server", "token", "--db", f"sqlite:///{db}", "--tenant", "t"]
+        + ["--bus", "bu1", "--user", "u"],
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != "FIELDSYNC_JWT_SECRET"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert Path(f"{db}.jwt-secret").exists()  # the dev secret beside the file the URL names
 
 
 def test_an_unreachable_database_is_one_line_and_a_failure(tmp_path: Path) -> None:
