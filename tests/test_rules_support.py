@@ -172,11 +172,7 @@ def merge(
 ) -> Merged:
     """The server's merge: apply, read, evaluate (seeing what the update wrote, hidden
     values included), compensate in one transaction, read again."""
-    since = inspect_state_vector(server.get_state())
-    server.apply_update(update)
-    now = inspect_state_vector(server.get_state())
-    written = WrittenValues(server, [update], since, now)
-    return constrain(server, name, before, replace(context, written=written))
+    return merge_together(server, name, before, [update], context)
 
 
 def merge_together(
