@@ -57,16 +57,24 @@ class TokenVerifier:
 
     def verify(self, token: str) -> Principal:
         """The token's principal. Verified tokens are remembered until they expire."""
-        known = self._verified.get(token)
+        known = self.remembered(token)
         if known is not None:
-            if known.expires_at + self._leeway > time.time():
-                return known
-            del self._verified[token]
+            return known
         principal = self._decode(token)
         self._verified[token] = principal
         if len(self._verified) > VERIFIED_CACHE:
             self._verified.popitem(last=False)
         return principal
+
+    def remembered(self, token: str) -> Principal | None:
+        """The principal of a token verified before and not expired since; no decoding."""
+        known = self._verified.get(token)
+        if known is None:
+            return None
+        if known.expires_at + self._leeway > time.time():
+            return known
+        del self._verified[token]
+        return None
 
     def _decode(self, token: str) -> Principal:
         try:
@@ -108,11 +116,17 @@ def _unauthorized(message: str) -> ApiError:
 
 
 def bearer_token(request: web.Request) -> str:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = token_of(request.headers.get("Authorization", ""))
+    if token is None:
         raise _unauthorized("send 'Authorization: Bearer <token>'")
-    return token.strip()
+    return token
+
+
+def token_of(authorization: str) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header value, or None."""
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
 
 
 def device_id(request: web.Request) -> str:

@@ -27,9 +27,10 @@ from . import gctune
 from .auth import is_valid_id, mint_token, resolve_public_key, resolve_secret
 from .compaction import compact_due
 from .config import Config, SocketSettings
-from .handshake import HandshakeSettings, guard_app
+from .handshake import HandshakeSettings
 from .ratelimit import Rate, RateSettings
 from .records_api import iso, record_json
+from .serving import serving_loop
 
 DEFAULT_DB = "fieldsync.db"
 
@@ -180,6 +181,15 @@ def _serve_options(serve: argparse.ArgumentParser) -> None:
         "on",
         "on: freeze long-lived objects so full garbage collections stay short"
         " (see server/gctune.py); off: Python's defaults",
+    )
+    _env_option(
+        serve,
+        "--quick-refusals",
+        "FIELDSYNC_QUICK_REFUSALS",
+        parse_switch,
+        "on",
+        "on: a client already over its rate limit is answered its 429 in front of aiohttp,"
+        " at a third of the CPU (see server/quick_refusals.py); off: by the handler",
     )
     _env_option(
         serve,
@@ -381,7 +391,7 @@ def _serve(args: argparse.Namespace) -> None:
     if args.gc_tune:
         gctune.tune(app)
     guard = HandshakeSettings(args.head_timeout, args.max_pending_connections)
-    loop = guard_app(app, guard) if guard.head_timeout_s > 0 or guard.max_pending > 0 else None
+    loop = serving_loop(app, guard, args.quick_refusals)
     try:
         web.run_app(app, host=args.host, port=args.port, print=None, access_log=None, loop=loop)
     except StorageError as exc:  # the database refused or is unreachable at start

@@ -3,7 +3,7 @@
 aiohttp has no deadline for a request head: a client that opens a TCP connection and
 dribbles header bytes (slowloris) holds a connection, a file descriptor and a parser for
 as long as it likes. This guard sits in front of aiohttp's protocol, on the listening
-server itself (`GuardedEventLoop.create_server`), for each connection until its first
+server itself (`serving.FrontedEventLoop.create_server`), for each connection until its first
 request head is complete:
 
 - **head timeout**: a connection that has not delivered a complete first request head
@@ -29,7 +29,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -70,11 +69,7 @@ class HandshakeGuard:
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Marks the connection's head complete as its request enters the app."""
-        transport = request.transport
-        if transport is not None:
-            protocol = transport.get_protocol()
-            if isinstance(protocol, GuardedProtocol):
-                protocol.head_complete()
+        mark_head_complete(request.transport)
         return await handler(request)
 
     def _admit(self, conn: GuardedProtocol) -> None:
@@ -181,22 +176,16 @@ class GuardedProtocol(asyncio.Protocol):
         self._inner.resume_writing()
 
 
-class GuardedEventLoop(asyncio.SelectorEventLoop):
-    """An event loop whose servers put `guard` in front of every connection."""
-
-    def __init__(self, guard: HandshakeGuard) -> None:
-        super().__init__()
-        self.guard = guard
-
-    async def create_server(
-        self, protocol_factory: Callable[[], asyncio.BaseProtocol], *args: Any, **kwargs: Any
-    ) -> asyncio.Server:
-        wrapped = self.guard.protocol_factory(protocol_factory)
-        return await super().create_server(wrapped, *args, **kwargs)
+def mark_head_complete(transport: asyncio.BaseTransport | None) -> None:
+    """A request head arrived on `transport`: its guard, if any, lets it go."""
+    protocol = transport.get_protocol() if transport is not None else None
+    if isinstance(protocol, GuardedProtocol):
+        protocol.head_complete()
 
 
-def guard_app(app: web.Application, settings: HandshakeSettings) -> GuardedEventLoop:
-    """Install the guard's middleware (first) on `app`; run the app on the returned loop."""
+def install_guard(app: web.Application, settings: HandshakeSettings) -> HandshakeGuard:
+    """Install the guard's middleware (first) on `app`; the guard's `protocol_factory`
+    must then wrap the app's listening servers (`serving.FrontedEventLoop`)."""
     guard = HandshakeGuard(settings)
     app.middlewares.insert(0, guard.middleware)
-    return GuardedEventLoop(guard)
+    return guard

@@ -45,6 +45,11 @@ class Metrics:
             "429s held until the Retry-After the client was given before was up",
             registry=r,
         )
+        self.rate_limited_quick = Counter(
+            "fieldsync_rate_limited_quick_total",
+            "429s answered in front of aiohttp (server/quick_refusals.py)",
+            registry=r,
+        )
         self.open_sockets = Gauge(
             "fieldsync_open_sockets", "Open device and Yjs sockets", registry=r
         )

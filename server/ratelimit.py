@@ -153,14 +153,21 @@ class RateLimiter:
 
     def check(self, tenant: str, user: str, device: str | None) -> None:
         """Take one request's token from each bucket, or raise Limited and take none."""
-        keys = ((tenant, device or f"user:{user}"), (tenant, user), (tenant,))
+        refused = self.refusal(tenant, user, device)
+        if refused is not None:
+            raise refused
+        for kind, key in zip(self._kinds, _keys(tenant, user, device)):
+            kind.take(key)
+
+    def refusal(self, tenant: str, user: str, device: str | None) -> Limited | None:
+        """What `check` would raise now, or None if every bucket has a token (none taken)."""
+        keys = _keys(tenant, user, device)
         waits = [kind.wait_time(key) for kind, key in zip(self._kinds, keys)]
         worst = max(range(3), key=lambda i: waits[i])
-        if waits[worst] > 0:
-            kind = self._kinds[worst]
-            raise _over_rate(kind.scope, kind.rate, max(1, math.ceil(waits[worst])))
-        for kind, key in zip(self._kinds, keys):
-            kind.take(key)
+        if waits[worst] <= 0:
+            return None
+        kind = self._kinds[worst]
+        return _over_rate(kind.scope, kind.rate, max(1, math.ceil(waits[worst])))
 
     def open_socket(self, tenant: str, user: str, device: str | None) -> str | None:
         """Count a socket; what is over its cap ("device" or "user"), or None if it may open.
@@ -239,14 +246,26 @@ class EarlyRetries:
         seconds = self.hold_time(key, retry_after)
         if seconds <= 0:
             return False
-        self.held += 1
-        _count(self._held_by, key, 1)
+        self.start_hold(key)
         try:
             await asyncio.sleep(seconds)
         finally:
-            self.held -= 1
-            _count(self._held_by, key, -1)
+            self.end_hold(key)
         return True
+
+    def start_hold(self, key: tuple[str, str]) -> None:
+        """Count a refusal held for `hold_time`; `end_hold` when it is answered or dropped."""
+        self.held += 1
+        _count(self._held_by, key, 1)
+
+    def end_hold(self, key: tuple[str, str]) -> None:
+        self.held -= 1
+        _count(self._held_by, key, -1)
+
+
+def _keys(tenant: str, user: str, device: str | None) -> tuple[tuple[str, ...], ...]:
+    """A request's bucket keys: its device's, its user's, its tenant's."""
+    return (tenant, device or f"user:{user}"), (tenant, user), (tenant,)
 
 
 def _count(counts: dict[tuple[str, str], int], key: tuple[str, str], step: int) -> None:

@@ -21,6 +21,9 @@ from .merge_types import Actor, ItemResult, PushItem
 from .services import Services, services
 
 routes = web.RouteTableDef()
+# The routes whose handlers call `Services.limit_request` first (server/quick_refusals.py).
+PUSH_PATH = "/api/v1/sync/{domain}/sync"
+PULL_PATH = "/api/v1/sync/{domain}/changes"
 
 
 def domain_of(request: web.Request) -> str:
@@ -32,7 +35,7 @@ def domain_of(request: web.Request) -> str:
     return domain
 
 
-@routes.post("/api/v1/sync/{domain}/sync")
+@routes.post(PUSH_PATH)
 async def push(request: web.Request) -> web.Response:
     svc = services(request)
     started = time.perf_counter()
@@ -128,7 +131,7 @@ def _optional_bytes(item: Mapping[str, Any], name: str, binary: bool) -> bytes |
     return None if value is None else codec.to_bytes(value, binary, name)
 
 
-@routes.get("/api/v1/sync/{domain}/changes")
+@routes.get(PULL_PATH)
 async def changes(request: web.Request) -> web.Response:
     svc = services(request)
     principal = svc.authenticate(request)
