@@ -1101,6 +1101,10 @@ REFUSAL_STEPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("middleware json_errors", ("(server/http_errors",)),
     ("push handler (other)", ("(server/sync_api", "(server/services")),
     (
+        "quick refusal: read the head, write the 429",
+        ("(server/quick_refusals", "(server/serving", "(server/handshake"),
+    ),
+    (
         "push accepted: pipeline, storage, codec",
         ("(server/pipeline", "(storage/", "(crdt_models/", "(server/codec", "(server/"),
     ),
@@ -1133,10 +1137,10 @@ def rate_limited_metric(server: Server) -> dict[str, float]:
     return {scope: float(value) for scope, value in found}
 
 
-def held_metric(server: Server) -> int:
-    """The server's fieldsync_rate_limited_held_total: 429s held for a client back too soon."""
+def counter_metric(server: Server, name: str) -> int:
+    """An unlabelled counter of the server's, e.g. fieldsync_rate_limited_held_total."""
     text = metrics_text(server)
-    found = re.search(r"^fieldsync_rate_limited_held_total ([0-9.e+]+)$", text, re.M)
+    found = re.search(rf"^{name} ([0-9.e+]+)$", text, re.M)
     return int(float(found.group(1))) if found else 0
 
 
@@ -1635,6 +1639,7 @@ class Run:
     warmup_acked: int = 0  # quiet items acked in the warm-up (they are in the log too)
     metric: dict[str, float] = field(default_factory=dict)
     held: int = 0  # 429s the server held (fieldsync_rate_limited_held_total)
+    quick: int = 0  # 429s answered in front of aiohttp (fieldsync_rate_limited_quick_total)
     logged: dict[str, int] = field(default_factory=dict)
     checks: Checks = field(default_factory=Checks)
 
@@ -1662,7 +1667,8 @@ def measure(server: Server, args: argparse.Namespace, run: Run, tracers: Tracers
         print(f"  {name}: " + phase_line(report), flush=True)
     run.pooled = pooled_quiet(run.quiet_runs)
     run.metric = rate_limited_metric(server)
-    run.held = held_metric(server)
+    run.held = counter_metric(server, "fieldsync_rate_limited_held_total")
+    run.quick = counter_metric(server, "fieldsync_rate_limited_quick_total")
 
 
 def phase_plan(args: argparse.Namespace) -> list[PhaseStep]:
@@ -1783,7 +1789,8 @@ def report(args: argparse.Namespace, run: Run, run_s: float) -> None:
     print(f"\nlog rows per tenant: {run.logged}; acked items: {acked_items(run)}")
     print(
         f"fieldsync_rate_limited_total: {run.metric}; 429s seen: {seen_429_by_scope(run)};"
-        f" of them held till the Retry-After the client was given before was up: {run.held}"
+        f" of them held till the Retry-After the client was given before was up: {run.held};"
+        f" answered in front of aiohttp (quick refusals): {run.quick}"
     )
     for w in run.checks.warnings:
         print(f"warning: {w}")
