@@ -154,6 +154,8 @@ class QuickRefusals:
             return None
         if b"close" in head.connection:
             return None  # aiohttp answers it and closes the connection
+        if head.length > svc.config.limits.max_body_bytes:
+            return None  # aiohttp reads a little of it, then closes the connection
         token = token_of(head.only(b"authorization") or "")
         principal = svc.verifier.remembered(token) if token else None
         device = head.only(b"device-id")

@@ -139,6 +139,9 @@ def cases(tok: str, dev: str) -> dict[str, list[bytes]]:
         "transfer-encoding-and-length": [
             push(tok, dev, b"0\r\n\r\n" + HEALTHZ, b"Transfer-Encoding: chunked\r\n")
         ],
+        "declared-oversized-body": [
+            push(tok, dev, b"{}").replace(b"Content-Length: 2", b"Content-Length: 40000000")
+        ],
         "chunked": [
             pull(tok, dev, b"Transfer-Encoding: chunked\r\n").replace(b"GET", b"POST")
             + b"5\r\nhello\r\n0\r\n\r\n"
