@@ -33,6 +33,7 @@ def _serve(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProces
         (("--node-id", "node 1"), {}, "--node-id: a node id is"),
         (("--rate-hold", "-1"), {}, "--rate-hold: expected a number of at least 0"),
         ((), {"FIELDSYNC_RATE_HOLD_S": "nan"}, "--rate-hold: expected a number of at least 0"),
+        ((), {"FIELDSYNC_QUICK_REFUSALS": "sometimes"}, "--quick-refusals: expected on or off"),
     ],
 )
 def test_bad_settings_are_one_line_errors(
