@@ -27,11 +27,12 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+
+from .front import FrontProtocol, ProtocolFactory, fronted
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +56,8 @@ class HandshakeGuard:
         self.evicted = 0
         self._warned_at = 0.0
 
-    def protocol_factory(
-        self, factory: Callable[[], asyncio.BaseProtocol]
-    ) -> Callable[[], asyncio.BaseProtocol]:
-        def guarded() -> asyncio.BaseProtocol:
-            inner = factory()
-            if not isinstance(inner, asyncio.Protocol):
-                return inner  # a buffered or datagram protocol: not an HTTP server of ours
-            return GuardedProtocol(self, inner)
-
-        return guarded
+    def protocol_factory(self, factory: ProtocolFactory) -> ProtocolFactory:
+        return fronted(factory, lambda inner: GuardedProtocol(self, inner))
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -98,22 +91,19 @@ class HandshakeGuard:
             )
 
 
-class GuardedProtocol(asyncio.Protocol):
+class GuardedProtocol(FrontProtocol):
     """Forwards to aiohttp's protocol until the first request head is complete."""
 
-    __slots__ = ("_guard", "_inner", "_transport", "_timer", "_waiting", "_connected")
+    __slots__ = ("_guard", "_timer", "_waiting", "_connected")
 
     def __init__(self, guard: HandshakeGuard, inner: asyncio.Protocol) -> None:
+        super().__init__(inner)
         self._guard = guard
-        self._inner = inner
-        self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._waiting = False
         self._connected = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
         self._waiting = True
         self._guard._admit(self)
         timeout = self._guard.settings.head_timeout_s
@@ -121,15 +111,13 @@ class GuardedProtocol(asyncio.Protocol):
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(timeout, self._expired)
         self._connected = True
-        self._inner.connection_made(transport)
+        super().connection_made(transport)
 
     def head_complete(self) -> None:
         """From now on aiohttp's protocol receives the connection's events directly."""
-        if not self._waiting:
-            return
-        self._stop_waiting()
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.set_protocol(self._inner)
+        if self._waiting:
+            self._stop_waiting()
+            self.step_aside()
 
     def close(self, answer: bytes | None) -> None:
         self._stop_waiting()
@@ -156,24 +144,12 @@ class GuardedProtocol(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
 
-    def data_received(self, data: bytes) -> None:
-        self._inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self._inner.eof_received()
-
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_waiting()
-        self._transport = None
         if self._connected:
             self._connected = False
-            self._inner.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self._inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self._inner.resume_writing()
+            super().connection_lost(exc)
+        self._transport = None
 
 
 def mark_head_complete(transport: asyncio.BaseTransport | None) -> None:

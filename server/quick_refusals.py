@@ -32,7 +32,6 @@ import http
 import logging
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +41,7 @@ from aiohttp.http import SERVER_SOFTWARE
 from . import sync_api
 from .auth import is_valid_id, token_of
 from .errors import ApiError, error_body
+from .front import FrontProtocol, ProtocolFactory, fronted
 from .handshake import mark_head_complete
 from .services import SERVICES, Services
 
@@ -125,24 +125,16 @@ class QuickRefusals:
         self.app = app
         self._warned = False
 
-    def _unsupported(self, inner: asyncio.Protocol) -> None:
+    def protocol_factory(self, factory: ProtocolFactory) -> ProtocolFactory:
+        return fronted(factory, self._front)
+
+    def _front(self, inner: asyncio.Protocol) -> asyncio.Protocol:
+        if aiohttp_supported(inner):
+            return RefusingProtocol(self, inner)
         if not self._warned:
             self._warned = True
             log.warning("quick refusals are off: %s lacks what they read", type(inner))
-
-    def protocol_factory(
-        self, factory: Callable[[], asyncio.BaseProtocol]
-    ) -> Callable[[], asyncio.BaseProtocol]:
-        def refusing() -> asyncio.BaseProtocol:
-            inner = factory()
-            if not isinstance(inner, asyncio.Protocol):
-                return inner
-            if not aiohttp_supported(inner):
-                self._unsupported(inner)
-                return inner
-            return RefusingProtocol(self, inner)
-
-        return refusing
+        return inner
 
     def refusal(self, head: Head) -> Refusal | None:
         """The 429 the handler would answer `head` with, or None if it is the handler's."""
@@ -188,13 +180,11 @@ def _kept_alive(inner: Any) -> None:
         inner._next_keepalive_close_time = asyncio.get_running_loop().time() + timeout
 
 
-class RefusingProtocol(asyncio.Protocol):
+class RefusingProtocol(FrontProtocol):
     """In front of aiohttp's protocol on one connection (see the module's docstring)."""
 
     __slots__ = (
         "_refusals",
-        "_inner",
-        "_transport",
         "_buffer",
         "_forward",
         "_discard",
@@ -206,9 +196,8 @@ class RefusingProtocol(asyncio.Protocol):
     )
 
     def __init__(self, refusals: QuickRefusals, inner: asyncio.Protocol) -> None:
+        super().__init__(inner)
         self._refusals = refusals
-        self._inner = inner
-        self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()  # not yet passed on nor dropped; starts at a head
         self._forward = 0  # body bytes of a passed-on request still to pass on
         self._discard = 0  # body bytes of a refused request still to drop
@@ -217,11 +206,6 @@ class RefusingProtocol(asyncio.Protocol):
         self._writing_paused = False
         self._reading_paused = False
         self._through = False  # the connection is aiohttp's alone
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
         if self._through:
@@ -322,27 +306,21 @@ class RefusingProtocol(asyncio.Protocol):
         """From now on every byte goes to aiohttp, starting with those buffered."""
         self._through = True
         rest, self._buffer = bytes(self._buffer), bytearray()
-        transport = self._transport
-        if transport is not None and transport.get_protocol() is self:
-            transport.set_protocol(self._inner)
+        self.step_aside()
         if rest:
             self._inner.data_received(rest)
 
-    def eof_received(self) -> bool | None:
-        return self._inner.eof_received()
-
     def connection_lost(self, exc: Exception | None) -> None:
         self._release_hold()
-        self._transport = None
-        self._inner.connection_lost(exc)
+        super().connection_lost(exc)
 
     def pause_writing(self) -> None:
         self._writing_paused = True
-        self._inner.pause_writing()
+        super().pause_writing()
 
     def resume_writing(self) -> None:
         self._writing_paused = False
-        self._inner.resume_writing()
+        super().resume_writing()
 
 
 _date_second = -1

@@ -12,10 +12,10 @@ from typing import Any
 
 from aiohttp import web
 
+from .front import ProtocolFactory
 from .handshake import HandshakeSettings, install_guard
 from .quick_refusals import QuickRefusals
 
-ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 Front = Callable[[ProtocolFactory], ProtocolFactory]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import itertools
 import os
 import signal
@@ -11,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +212,16 @@ class ServerProcess:
                     pass
                 await asyncio.sleep(0.05)
         raise TimeoutError("the server did not start")
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[ServerProcess]:
+        """Started and ready for the block, stopped after it."""
+        self.start()
+        try:
+            await self.ready()
+            yield self
+        finally:
+            self.stop()
 
     def kill9(self) -> None:
         assert self.proc is not None

@@ -236,13 +236,8 @@ async def test_a_device_socket_upgrades_through_the_front(servers: list[ServerPr
 
 @pytest.fixture
 async def holding(tmp_path: Path) -> AsyncIterator[ServerProcess]:
-    proc = ServerProcess(tmp_path / "hold.db", *LIMITS, "--rate-hold", "1")
-    proc.start()
-    try:
-        await proc.ready()
+    async with ServerProcess(tmp_path / "hold.db", *LIMITS, "--rate-hold", "1").serving() as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 async def test_a_client_back_too_soon_gets_its_quick_429_late(holding: ServerProcess) -> None:

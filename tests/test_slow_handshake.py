@@ -21,13 +21,8 @@ REQUEST = HEAD + b"\r\n"
 
 @pytest.fixture
 async def server(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ServerProcess]:
-    proc = ServerProcess(tmp_path / "guard.db", *request.param)
-    proc.start()
-    try:
-        await proc.ready()
+    async with ServerProcess(tmp_path / "guard.db", *request.param).serving() as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
