@@ -18,7 +18,8 @@ HTTP/1.1 head of plain `name: value` lines ended by CRLF, without Transfer-Encod
 Upgrade or Expect, with at most one Content-Length of digits. The first head outside
 that subset hands the connection to aiohttp for good, with every byte not yet passed on.
 A 429 is written only while aiohttp is idle on the connection (it waits for its next
-request, having answered all before), so answers keep the order of their requests.
+request, having answered all before; if it is not yet, the request waits a few turns of
+the loop for it, then goes to aiohttp), so answers keep the order of their requests.
 Reading that takes three attributes of aiohttp's `RequestHandler` that are not public
 (`_waiter`, `_messages`, and `_next_keepalive_close_time`, which a 429 pushes on like
 any answer); `aiohttp_supported` checks them, and without them nothing is answered here.
@@ -43,6 +44,7 @@ from .auth import is_valid_id, token_of
 from .errors import ApiError, error_body
 from .front import FrontProtocol, ProtocolFactory, fronted
 from .handshake import mark_head_complete
+from .ratelimit import Limited
 from .services import SERVICES, Services
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ log = logging.getLogger(__name__)
 # Longer heads, and heads of more fields, are aiohttp's (whose own limits are higher).
 MAX_HEAD = 4096
 MAX_FIELDS = 32
+WAIT_TURNS = 3  # of the loop, for aiohttp to finish the connection's earlier requests
 _TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 # A head of plain lines only: no obs-fold, no bare CR or LF, no NUL, no space before ':'.
 _HEAD = re.compile(
@@ -110,12 +113,11 @@ def parse_head(raw: bytes) -> Head | None:
 
 @dataclass(slots=True)
 class Refusal:
-    """A 429 to answer in front of aiohttp, for (tenant, user) `key`."""
+    """A request over the limit `over`, of (tenant, user) `key`."""
 
     svc: Services
-    error: ApiError
+    over: Limited
     key: tuple[str, str]
-    retry_after: int
 
 
 class QuickRefusals:
@@ -137,7 +139,8 @@ class QuickRefusals:
         return inner
 
     def refusal(self, head: Head) -> Refusal | None:
-        """The 429 the handler would answer `head` with, or None if it is the handler's."""
+        """Why the handler would answer `head` 429, or None if it is the handler's (no
+        token is taken, nothing is counted)."""
         svc = self.app.get(SERVICES)
         target = head.target.decode("ascii")
         if svc is None or not any(
@@ -156,8 +159,7 @@ class QuickRefusals:
         over = svc.limiter.refusal(principal.tenant, principal.user, device)
         if over is None:
             return None
-        key = (principal.tenant, principal.user)
-        return Refusal(svc, svc.refused(over), key, over.retry_after)
+        return Refusal(svc, over, (principal.tenant, principal.user))
 
 
 def aiohttp_supported(inner: Any) -> bool:
@@ -190,6 +192,8 @@ class RefusingProtocol(FrontProtocol):
         "_discard",
         "_held",
         "_held_for",
+        "_waiting",
+        "_turns_waited",
         "_writing_paused",
         "_reading_paused",
         "_through",
@@ -203,6 +207,8 @@ class RefusingProtocol(FrontProtocol):
         self._discard = 0  # body bytes of a refused request still to drop
         self._held: asyncio.TimerHandle | None = None  # the answer of a held 429
         self._held_for: Refusal | None = None
+        self._waiting: asyncio.Handle | None = None  # the next look at aiohttp
+        self._turns_waited = 0
         self._writing_paused = False
         self._reading_paused = False
         self._through = False  # the connection is aiohttp's alone
@@ -219,7 +225,7 @@ class RefusingProtocol(FrontProtocol):
 
     def _pump(self) -> None:
         buffer = self._buffer
-        while buffer and self._held is None and not self._through:
+        while buffer and self._held is None and self._waiting is None and not self._through:
             if self._forward or self._discard:
                 self._pass_body()
                 continue
@@ -233,7 +239,13 @@ class RefusingProtocol(FrontProtocol):
             if head is None:
                 self._hand_over()
                 return
-            if not self._answered(head, end + 4):
+            refusal = self._refusal(head)
+            if refusal is not None and not self._aiohttp_done():
+                return  # back in a turn
+            self._turns_waited = 0
+            if refusal is not None and _aiohttp_idle(self._inner):
+                self._refuse(refusal, head, end + 4)
+            else:
                 self._forward = end + 4 + head.length
                 self._pass_body()
 
@@ -251,21 +263,37 @@ class RefusingProtocol(FrontProtocol):
             self._discard -= n
             del buffer[:n]
 
-    def _answered(self, head: Head, head_size: int) -> bool:
-        """Answer `head` with a 429 here if the handler would; False: it is aiohttp's."""
+    def _refusal(self, head: Head) -> Refusal | None:
+        """Why `head` is to be answered 429 here, or None if it is aiohttp's."""
         transport = self._transport
         if transport is None or transport.is_closing() or self._writing_paused:
-            return False
-        if not _aiohttp_idle(self._inner):
-            return False
-        refusal = self._refusals.refusal(head)
-        if refusal is None:
-            return False
+            return None
+        return self._refusals.refusal(head)
+
+    def _aiohttp_done(self) -> bool:
+        """Whether aiohttp has answered every earlier request of the connection; if not,
+        wait a turn of the loop or two: a client that waits for each answer sends its next
+        request about as aiohttp, having written the answer, goes back to waiting."""
+        if _aiohttp_idle(self._inner):
+            return True
+        if self._turns_waited >= WAIT_TURNS:
+            return True
+        self._turns_waited += 1
+        self._waiting = asyncio.get_running_loop().call_soon(self._waited)
+        return False
+
+    def _waited(self) -> None:
+        self._waiting = None
+        self._pump()
+
+    def _refuse(self, refusal: Refusal, head: Head, head_size: int) -> None:
+        """Answer the request of `head` 429 (or hold the answer), and drop its body."""
+        assert self._transport is not None
         del self._buffer[:head_size]
         self._discard = head.length
-        mark_head_complete(transport)
+        mark_head_complete(self._transport)
         early = refusal.svc.limiter.early_retries
-        hold = early.hold_time(refusal.key, refusal.retry_after)
+        hold = early.hold_time(refusal.key, refusal.over.retry_after)
         if hold > 0:
             early.start_hold(refusal.key)
             loop = asyncio.get_running_loop()
@@ -273,14 +301,14 @@ class RefusingProtocol(FrontProtocol):
             self._held_for = refusal
         else:
             self._answer(refusal)
-        return True
 
     def _answer(self, refusal: Refusal) -> None:
+        error = refusal.svc.refused(refusal.over)
         metrics = refusal.svc.metrics
-        metrics.http_errors.labels(refusal.error.code).inc()
+        metrics.http_errors.labels(error.code).inc()
         metrics.rate_limited_quick.inc()
         assert self._transport is not None
-        self._transport.write(raw_response(refusal.error))
+        self._transport.write(raw_response(error))
         _kept_alive(self._inner)
 
     def _answer_held(self, refusal: Refusal) -> None:
@@ -312,6 +340,9 @@ class RefusingProtocol(FrontProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._release_hold()
+        if self._waiting is not None:
+            self._waiting.cancel()
+            self._waiting = None
         super().connection_lost(exc)
 
     def pause_writing(self) -> None:
