@@ -55,10 +55,14 @@ class Rate:
         return f"{self.count}/{unit}"
 
 
+RESERVED_S = 0.5  # a reservation not claimed by then is dropped (its request went away)
+
+
 @dataclass(slots=True)
 class _Bucket:
     tokens: float
     updated: float
+    reserved: deque[float] = field(default_factory=deque)  # when each reservation lapses
 
 
 class Limited(Exception):
@@ -89,12 +93,23 @@ class Buckets:
         self._buckets: OrderedDict[tuple[str, ...], _Bucket] = OrderedDict()
 
     def wait_time(self, key: tuple[str, ...]) -> float:
-        """Seconds until `key` has a token (0: it has one now)."""
+        """Seconds until `key` has a token not reserved (0: it has one now)."""
         bucket = self._refilled(key)
-        return 0.0 if bucket.tokens >= 1 else (1 - bucket.tokens) * self._per_token()
+        free = bucket.tokens - len(bucket.reserved)
+        return 0.0 if free >= 1 else (1 - free) * self._per_token()
 
     def take(self, key: tuple[str, ...]) -> None:
         self._refilled(key).tokens -= 1
+
+    def reserve(self, key: tuple[str, ...]) -> None:
+        """Set a token aside for a request on its way to `take` (for `RESERVED_S` at most)."""
+        self._refilled(key).reserved.append(self._clock() + RESERVED_S)
+
+    def release(self, key: tuple[str, ...]) -> None:
+        """Drop the oldest reservation of `key`, if any (its request is being checked)."""
+        bucket = self._buckets.get(key)
+        if bucket is not None and bucket.reserved:
+            bucket.reserved.popleft()
 
     def give_back(self, key: tuple[str, ...]) -> None:
         """Return a token taken for work that was then undone."""
@@ -116,6 +131,8 @@ class Buckets:
             gained = (now - bucket.updated) / self._per_token()
             bucket.tokens = min(float(self.rate.burst), bucket.tokens + gained)
             bucket.updated = now
+            while bucket.reserved and bucket.reserved[0] <= now:
+                bucket.reserved.popleft()
         return bucket
 
 
@@ -152,15 +169,29 @@ class RateLimiter:
         self._user_sockets: dict[tuple[str, str], int] = {}  # (tenant, user) -> open
 
     def check(self, tenant: str, user: str, device: str | None) -> None:
-        """Take one request's token from each bucket, or raise Limited and take none."""
+        """Take one request's token from each bucket, or raise Limited and take none.
+
+        The request's reservation (`reserve`), if it made one, is given up first."""
+        keys = _keys(tenant, user, device)
+        for kind, key in zip(self._kinds, keys):
+            kind.release(key)
         refused = self.refusal(tenant, user, device)
         if refused is not None:
             raise refused
-        for kind, key in zip(self._kinds, _keys(tenant, user, device)):
+        for kind, key in zip(self._kinds, keys):
             kind.take(key)
 
+    def reserve(self, tenant: str, user: str, device: str | None) -> None:
+        """Set a token of each bucket aside for a request that `refusal` let through and
+        that will be `check`ed in a moment: requests looked at meanwhile do not count on
+        it (a refilled token let several through, and all but one were then refused by
+        the handler at three times the cost)."""
+        for kind, key in zip(self._kinds, _keys(tenant, user, device)):
+            kind.reserve(key)
+
     def refusal(self, tenant: str, user: str, device: str | None) -> Limited | None:
-        """What `check` would raise now, or None if every bucket has a token (none taken)."""
+        """What `check` would raise now, or None if every bucket has a token not reserved
+        (none taken)."""
         keys = _keys(tenant, user, device)
         waits = [kind.wait_time(key) for kind, key in zip(self._kinds, keys)]
         worst = max(range(3), key=lambda i: waits[i])

@@ -72,6 +72,35 @@ def test_the_tightest_limit_decides_and_a_refusal_takes_nothing() -> None:
     limiter.check("t", "other-user", "d")  # the device's bucket was not charged by the refusal
 
 
+def test_a_reserved_token_is_kept_for_the_check_that_claims_it() -> None:
+    now = [0.0]
+    limiter = RateLimiter(
+        RateSettings(Rate(100, 60), Rate(100, 60), Rate(2, 60)), clock=lambda: now[0]
+    )
+    assert limiter.refusal("t", "u", "a") is None
+    limiter.reserve("t", "u", "a")  # let through: its check comes in a moment
+    assert limiter.refusal("t", "u", "b") is None
+    limiter.reserve("t", "u", "b")
+    over = limiter.refusal("t", "u", "c")  # both tokens are spoken for
+    assert over is not None and over.scope == "tenant"
+    limiter.check("t", "u", "a")
+    limiter.check("t", "u", "b")
+    with pytest.raises(Limited):
+        limiter.check("t", "u", "c")
+
+
+def test_a_reservation_nobody_claims_lapses() -> None:
+    now = [0.0]
+    limiter = RateLimiter(
+        RateSettings(Rate(100, 60), Rate(100, 60), Rate(1, 60)), clock=lambda: now[0]
+    )
+    limiter.reserve("t", "u", "gone")  # its request never reached the handler
+    assert limiter.refusal("t", "u", "next") is not None
+    now[0] += 1
+    assert limiter.refusal("t", "u", "next") is None
+    limiter.check("t", "u", "next")
+
+
 async def test_http_answers_429_with_retry_after(make_client: MakeClient) -> None:
     client = await make_client(rates=RateSettings(Rate(3, 60), Rate(100, 60), Rate(1000, 60)))
     dev = Api(client, token(), device="phone")
