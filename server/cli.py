@@ -189,7 +189,7 @@ def _serve_options(serve: argparse.ArgumentParser) -> None:
         parse_switch,
         "on",
         "on: a client already over its rate limit is answered its 429 in front of aiohttp,"
-        " at a third of the CPU (see server/quick_refusals.py); off: by the handler",
+        " at about half the CPU (see server/quick_refusals.py); off: by the handler",
     )
     _env_option(
         serve,

@@ -62,7 +62,7 @@ RESERVED_S = 0.5  # a reservation not claimed by then is dropped (its request we
 class _Bucket:
     tokens: float
     updated: float
-    reserved: deque[float] = field(default_factory=deque)  # when each reservation lapses
+    reserved: deque[float] | None = None  # when each reservation lapses (made on first use)
 
 
 class Limited(Exception):
@@ -95,7 +95,7 @@ class Buckets:
     def wait_time(self, key: tuple[str, ...]) -> float:
         """Seconds until `key` has a token not reserved (0: it has one now)."""
         bucket = self._refilled(key)
-        free = bucket.tokens - len(bucket.reserved)
+        free = bucket.tokens - (len(bucket.reserved) if bucket.reserved else 0)
         return 0.0 if free >= 1 else (1 - free) * self._per_token()
 
     def take(self, key: tuple[str, ...]) -> None:
@@ -103,7 +103,10 @@ class Buckets:
 
     def reserve(self, key: tuple[str, ...]) -> None:
         """Set a token aside for a request on its way to `take` (for `RESERVED_S` at most)."""
-        self._refilled(key).reserved.append(self._clock() + RESERVED_S)
+        bucket = self._refilled(key)
+        if bucket.reserved is None:
+            bucket.reserved = deque()
+        bucket.reserved.append(self._clock() + RESERVED_S)
 
     def release(self, key: tuple[str, ...]) -> None:
         """Drop the oldest reservation of `key`, if any (its request is being checked)."""
