@@ -168,35 +168,31 @@ def test_decision_for_a_refused_start() -> None:
 # --- several updates of one phone in one merge ------------------------------------
 
 
-def test_a_permit_declared_before_a_refused_approval_stays_required() -> None:
-    """The phone declared the permit required, then set it APPROVED and started: delivered
-    in order the approval is refused and PARTIALLY_APPROVED stays, so the start is refused
-    too. Merged at once, the permit must not fall back to none (and let the work start)."""
-    before = state(description="x", workstatus="ASSIGNED")
+@pytest.mark.parametrize(
+    ("permit_before", "then"),
+    [(None, "APPROVED"), ("NOT_REQUIRED", "NOT_REQUIRED")],
+    ids=["approved", "waived"],
+)
+def test_a_permit_declared_then_approved_or_waived_by_a_non_approver_stays_required(
+    permit_before: str | None, then: str
+) -> None:
+    """The phone declared the permit required, then set it APPROVED (or NOT_REQUIRED)
+    and started: delivered in order that is refused and PARTIALLY_APPROVED stays, so the
+    start is refused too. Merged at once, the permit must not fall back to none (and let
+    the work start)."""
+    permit = {} if permit_before is None else {"workpermit": permit_before}
+    before = state(description="x", workstatus="ASSIGNED", **permit)
     writes = [
         {"workpermit": "PARTIALLY_APPROVED"},
-        {"workpermit": "APPROVED", "workstatus": "INPROGRESS"},
+        {"workpermit": then, "workstatus": "INPROGRESS"},
     ]
     done = merged_at_once("work-orders", before, writes, DEVICE)
     assert done.repaired.fields["workpermit"] == "PARTIALLY_APPROVED"
     assert done.repaired.fields["workstatus"] == "ASSIGNED"
     fix = by_field(done.corrections)["workpermit"]
-    assert (fix.rule, fix.rejected, fix.kept) == (
-        wo.RULE_APPROVER,
-        "APPROVED",
-        "PARTIALLY_APPROVED",
-    )
-
-
-def test_a_permit_declared_then_waived_by_a_non_approver_stays_required() -> None:
-    before = state(description="x", workstatus="ASSIGNED", workpermit="NOT_REQUIRED")
-    writes = [
-        {"workpermit": "PARTIALLY_APPROVED"},
-        {"workpermit": "NOT_REQUIRED", "workstatus": "INPROGRESS"},
-    ]
-    done = merged_at_once("work-orders", before, writes, DEVICE)
-    assert done.repaired.fields["workpermit"] == "PARTIALLY_APPROVED"
-    assert done.repaired.fields["workstatus"] == "ASSIGNED"
+    assert (fix.rejected, fix.kept) == (then, "PARTIALLY_APPROVED")
+    if then == "APPROVED":
+        assert fix.rule == wo.RULE_APPROVER
 
 
 def test_a_decided_permit_does_not_fall_back_to_a_declaration_written_with_it() -> None:
