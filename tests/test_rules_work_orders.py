@@ -181,7 +181,7 @@ def test_a_permit_declared_then_approved_or_waived_by_a_non_approver_stays_requi
     start is refused too. Merged at once, the permit must not fall back to none (and let
     the work start)."""
     permit = {} if permit_before is None else {"workpermit": permit_before}
-    before = state(description="x", workstatus="ASSIGNED", **permit)
+    before = state({"description": "x", "workstatus": "ASSIGNED", **permit})
     writes = [
         {"workpermit": "PARTIALLY_APPROVED"},
         {"workpermit": then, "workstatus": "INPROGRESS"},
