@@ -243,10 +243,13 @@ class RefusingProtocol(FrontProtocol):
                 self._hand_over()
                 return
             refusal = self._refusal(head)
-            if refusal is not None and not self._aiohttp_done():
-                return  # back in a turn
+            if refusal is not None and not _aiohttp_idle(self._inner):
+                if self._turns_waited < WAIT_TURNS:
+                    self._wait_a_turn()
+                    return
+                refusal = None  # aiohttp is still busy: the request is its to answer
             self._turns_waited = 0
-            if refusal is not None and _aiohttp_idle(self._inner):
+            if refusal is not None:
                 self._refuse(refusal, head, end + 4)
             else:
                 self._forward = end + 4 + head.length
@@ -273,17 +276,12 @@ class RefusingProtocol(FrontProtocol):
             return None
         return self._refusals.refusal(head, reserve=True)
 
-    def _aiohttp_done(self) -> bool:
-        """Whether aiohttp has answered every earlier request of the connection; if not,
-        wait a turn of the loop or two: a client that waits for each answer sends its next
-        request about as aiohttp, having written the answer, goes back to waiting."""
-        if _aiohttp_idle(self._inner):
-            return True
-        if self._turns_waited >= WAIT_TURNS:
-            return True
+    def _wait_a_turn(self) -> None:
+        """Look again in a turn of the loop: aiohttp has not answered every earlier request
+        of the connection yet, and a client that waits for each answer sends its next one
+        about as aiohttp, having written the answer, goes back to waiting."""
         self._turns_waited += 1
         self._waiting = asyncio.get_running_loop().call_soon(self._waited)
-        return False
 
     def _waited(self) -> None:
         self._waiting = None
