@@ -138,10 +138,10 @@ class QuickRefusals:
             log.warning("quick refusals are off: %s lacks what they read", type(inner))
         return inner
 
-    def refusal(self, head: Head, reserve: bool = False) -> Refusal | None:
+    def refusal(self, head: Head) -> Refusal | None:
         """Why the handler would answer `head` 429, or None if it is the handler's (no
-        token is taken, nothing is counted; with `reserve`, a sync request let through
-        has its tokens set aside for the handler's check)."""
+        token is taken, nothing is counted; a sync request let through has its tokens set
+        aside for the handler's check)."""
         svc = self.app.get(SERVICES)
         target = head.target.decode("ascii")
         if svc is None or not any(
@@ -159,8 +159,7 @@ class QuickRefusals:
             return None
         over = svc.limiter.refusal(principal.tenant, principal.user, device)
         if over is None:
-            if reserve:
-                svc.limiter.reserve(principal.tenant, principal.user, device)
+            svc.limiter.reserve(principal.tenant, principal.user, device)
             return None
         return Refusal(svc, over, (principal.tenant, principal.user))
 
@@ -274,7 +273,7 @@ class RefusingProtocol(FrontProtocol):
         transport = self._transport
         if transport is None or transport.is_closing() or self._writing_paused:
             return None
-        return self._refusals.refusal(head, reserve=True)
+        return self._refusals.refusal(head)
 
     def _wait_a_turn(self) -> None:
         """Look again in a turn of the loop: aiohttp has not answered every earlier request

@@ -174,11 +174,14 @@ class RateLimiter:
     def check(self, tenant: str, user: str, device: str | None) -> None:
         """Take one request's token from each bucket, or raise Limited and take none.
 
-        The request's reservation (`reserve`), if it made one, is given up first."""
+        Each bucket's oldest reservation (`reserve`) is given up first: this request's if
+        it made one. If it made none, another request's goes a little early, which only
+        lets one more request through to its handler's check (a reservation is a hint
+        for `refusal`; tokens are taken here alone)."""
         keys = _keys(tenant, user, device)
         for kind, key in zip(self._kinds, keys):
             kind.release(key)
-        refused = self.refusal(tenant, user, device)
+        refused = self._refusal(keys)
         if refused is not None:
             raise refused
         for kind, key in zip(self._kinds, keys):
@@ -195,7 +198,9 @@ class RateLimiter:
     def refusal(self, tenant: str, user: str, device: str | None) -> Limited | None:
         """What `check` would raise now, or None if every bucket has a token not reserved
         (none taken)."""
-        keys = _keys(tenant, user, device)
+        return self._refusal(_keys(tenant, user, device))
+
+    def _refusal(self, keys: tuple[tuple[str, ...], ...]) -> Limited | None:
         waits = [kind.wait_time(key) for kind, key in zip(self._kinds, keys)]
         worst = max(range(3), key=lambda i: waits[i])
         if waits[worst] <= 0:
